@@ -1,0 +1,82 @@
+"""The ``posttrain`` command: one sub-command per stage, plus tools.
+
+Bad input ends with one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from posttrain import __version__
+from posttrain import config as config_io
+from posttrain.errors import UserError
+from posttrain.stages.sft import SFTConfig, run_sft
+
+# name -> (config dataclass, run function, one-line description)
+STAGES: dict[str, tuple[type, Callable, str]] = {
+    "sft": (SFTConfig, run_sft, "supervised fine-tuning on demonstrations"),
+}
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    config_cls, run_stage, _ = STAGES[args.command]
+    output = run_stage(config_io.resolve(config_cls, args))
+    print(f"wrote {output}")
+
+
+def _import_gguf(args: argparse.Namespace) -> None:
+    from posttrain.models.gguf import import_gguf
+
+    output = Path(args.output_dir)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise UserError(f"{output}: directory is not empty; pass --overwrite to replace it")
+    import_gguf(args.gguf_file, output)
+    print(f"wrote {output}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from posttrain.demo import run_demo
+
+    run_demo(Path(args.output), steps=args.max_steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    for name, (config_cls, _, description) in STAGES.items():
+        sub = commands.add_parser(name, help=description, description=description, parents=[debug])
+        config_io.add_arguments(sub, config_cls)
+        sub.set_defaults(handler=_run_stage)
+    gguf = commands.add_parser(
+        "import-gguf", parents=[debug], help="convert a GGUF file into a trainable Hugging Face checkpoint"
+    )
+    gguf.add_argument("gguf_file", help="the .gguf file")
+    gguf.add_argument("output_dir", help="directory to write the checkpoint to")
+    gguf.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    gguf.set_defaults(handler=_import_gguf)
+    demo = commands.add_parser("demo", parents=[debug], help="build a tiny model and data, then run SFT on them")
+    demo.add_argument("--output", default="runs/demo", help="directory for the demo's files (default: runs/demo)")
+    demo.add_argument("--max-steps", type=int, default=300, help="SFT steps (default: 300)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("posttrain").setLevel(logging.INFO)
+    try:
+        args.handler(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0

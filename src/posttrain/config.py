@@ -1,0 +1,169 @@
+"""Typed stage configs: one dataclass per stage, filled from defaults < YAML < flags.
+
+Every field of a stage's config dataclass is both a YAML key and a command-line flag
+(``learning_rate`` <-> ``--learning-rate``); its ``help`` metadata is the flag's help.
+Unknown YAML keys and values of the wrong type are errors that name the valid choices,
+so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from posttrain.errors import UserError
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by ``--help`` next to the default)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every training stage."""
+
+    model: str = option("", "model to start from: a local directory or a hub id")
+    data: str = option("", "training data: a .jsonl/.json/.parquet/.csv file or a hub id")
+    output: str = option("", "output directory (becomes a Hugging Face checkpoint)")
+    data_split: str = option("train", "split to read from --data")
+    eval_data: str = option("", "held-out data file or hub id (optional)")
+    eval_split: float = option(0.0, "fraction of --data held out for evaluation when --eval-data is not given")
+    max_steps: int = option(-1, "optimizer steps to run; -1 means --epochs passes over the data")
+    epochs: int = option(1, "passes over the training data (when --max-steps is -1)")
+    batch_size: int = option(8, "examples per micro-batch on each process")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    learning_rate: float = option(2e-5, "peak learning rate of AdamW")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = option("linear", "learning-rate decay after warmup")
+    warmup_ratio: float = option(0.0, "fraction of the steps spent in linear warmup")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping")
+    max_length: int = option(1024, "maximum sequence length in tokens")
+    truncation: Literal["truncate", "drop"] = option("truncate", "what to do with sequences over --max-length")
+    group_by_length: bool = option(False, "batch examples of similar length together to waste less padding")
+    seed: int = option(42, "random seed (data order, initialisation of new weights, dropout)")
+    logging_steps: int = option(10, "write metrics every N optimizer steps")
+    eval_steps: int = option(0, "evaluate every N steps (0: only at the end)")
+    save_steps: int = option(500, "write a resumable checkpoint every N steps (0: only at the end)")
+    save_total_limit: int = option(2, "keep only the newest N checkpoints")
+    resume: bool = option(False, "continue from the newest checkpoint in OUTPUT/checkpoints")
+    overwrite: bool = option(False, "replace an existing non-empty OUTPUT")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision (bf16/fp16 need a GPU)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = option(False, "allow model code from the model's repository to run")
+    lora_r: int = option(0, "LoRA rank; 0 trains all weights")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_target_modules: str = option("all-linear", "comma-separated module names LoRA adapts, or all-linear")
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = option(
+        "none", "also send metrics to this tracker (its package must be installed)"
+    )
+
+    def validate(self) -> None:
+        """Cross-field checks shared by every stage; raises UserError."""
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise UserError(f"--{name.replace('_', '-')} is required (or set `{name}:` in the config file)")
+        positive = ("batch_size", "grad_accum", "max_length", "epochs", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise UserError(f"--eval-split must be in [0, 1), got {self.eval_split}")
+        if self.eval_split and self.eval_data:
+            raise UserError("give either --eval-data or --eval-split, not both")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UserError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; choose one")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved type of every field of a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def _check_value(cls: type, key: str, value: Any, source: str) -> Any:
+    """Check one YAML value against the field's type; return it converted."""
+    kind = field_types(cls)[key]
+    where = f"{source}: key '{key}'"
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise UserError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and value is None:
+        return ""
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise UserError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_yaml(cls: type, path: str) -> dict[str, Any]:
+    """Read a stage's YAML config file; unknown keys and wrong types are errors."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in valid:
+            raise UserError(f"{path}: unknown key '{key}'; valid keys: {', '.join(valid)}")
+        values[name] = _check_value(cls, name, value, path)
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field; absent flags stay absent so YAML values survive."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags override it)")
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        kind = types[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(kind) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(kind), **common)
+        else:
+            parser.add_argument(flag, type=kind, metavar=f.name.split("_")[-1].upper(), **common)
+
+
+def resolve(cls: type, args: argparse.Namespace) -> Any:
+    """Defaults < YAML file < flags, then the stage's own validation."""
+    values = read_yaml(cls, args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    config = cls(**values)
+    config.validate()
+    return config
+
+
+def save(config: Any, path: Path) -> None:
+    """Write the resolved config as YAML (reloadable with ``--config``)."""
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -1,0 +1,58 @@
+"""Load any ``AutoModelForCausalLM`` and its tokenizer; optionally wrap it with LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.errors import UserError
+
+
+def _check_source(source: str, what: str) -> None:
+    """A path-like source that does not exist is a user error, not a hub lookup."""
+    if Path(source).expanduser().exists():
+        return
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise UserError(f"{what} '{source}': directory not found")
+
+
+def _hub_error(source: str, what: str, err: Exception) -> UserError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return UserError(f"{what} '{source}': not a local directory and cannot be loaded from the hub (offline?): {first}")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; a missing pad token becomes EOS (safe: masks never use the pad id)."""
+    _check_source(source, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _hub_error(source, "tokenizer", err) from err
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer '{source}' has no EOS token; posttrain needs one to teach the model to stop")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM from a local directory or hub id, in ``dtype`` (fp32 master weights by default)."""
+    _check_source(source, "model")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _hub_error(source, "model", err) from err
+
+
+def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: str) -> PreTrainedModel:
+    """Freeze the model and add trainable LoRA adapters (Hu et al. 2021) through ``peft``."""
+    from peft import LoraConfig, get_peft_model  # imported here: only LoRA runs need peft loaded
+
+    targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"--lora-target-modules '{target_modules}': {str(err).splitlines()[0]}") from err

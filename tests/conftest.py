@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny Llama and BPE tokenizer built here (never downloaded), and data files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from posttrain.models.factory import build_llama, train_tokenizer
+
+WORDS = "the cat dog sat ran on a mat rug red blue big small what is colour of sky grass yes no".split()
+
+
+def corpus(n: int = 300, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+def qa_rows(n: int, seed: int = 0, conversational: bool = False) -> list[dict]:
+    """Learnable prompt-completion pairs: the answer repeats the prompt's last word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
+        prompt, completion = "say " + " ".join(words), " " + words[-1]
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": completion.strip()}],
+                }
+            )
+        else:
+            rows.append({"prompt": prompt, "completion": completion})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tiny_model(directory: Path, pad_is_eos: bool = False, seed: int = 0) -> Path:
+    tokenizer = train_tokenizer(corpus(), vocab_size=300, pad_is_eos=pad_is_eos)
+    model = build_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A saved 2-layer Llama (hidden 32) with a 300-token BPE tokenizer and a ChatML template."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_pad_eos(tmp_path_factory) -> Path:
+    """The same, but the tokenizer's pad token is its EOS token."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model-pad-eos"), pad_is_eos=True)
