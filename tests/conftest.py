@@ -10,7 +10,29 @@ import pytest
 
 from posttrain.models.factory import build_llama, train_tokenizer
 
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "rug", "red", "blue", "big", "small", "what", "is", "colour", "of", "sky", "grass", "yes", "no"]
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "a",
+    "mat",
+    "rug",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "what",
+    "is",
+    "colour",
+    "of",
+    "sky",
+    "grass",
+    "yes",
+    "no",
+]
 
 
 def corpus(n: int = 300, seed: int = 0) -> list[str]:

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from accelerate import PartialState
+
 from posttrain import __version__
 from posttrain import config as config_io
 from posttrain.errors import UserError
@@ -25,7 +27,8 @@ STAGES: dict[str, tuple[type, Callable, str]] = {
 def _run_stage(args: argparse.Namespace) -> None:
     config_cls, run_stage, _ = STAGES[args.command]
     output = run_stage(config_io.resolve(config_cls, args))
-    print(f"wrote {output}")
+    if PartialState().is_main_process:
+        print(f"wrote {output}")
 
 
 def _import_gguf(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,12 @@ def _check_value(cls: type, key: str, value: Any, source: str) -> Any:
     return value
 
 
+def _unknown_key(path: str, key: Any, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(str(key).replace("-", "_"), valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"{path}: unknown key '{key}'{hint}; valid keys: {', '.join(valid)}")
+
+
 def read_yaml(cls: type, path: str) -> dict[str, Any]:
     """Read a stage's YAML config file; unknown keys and wrong types are errors."""
     file = Path(path)
@@ -132,7 +139,7 @@ def read_yaml(cls: type, path: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in valid:
-            raise UserError(f"{path}: unknown key '{key}'; valid keys: {', '.join(valid)}")
+            raise _unknown_key(path, key, valid)
         values[name] = _check_value(cls, name, value, path)
     return values
 

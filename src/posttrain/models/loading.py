@@ -4,34 +4,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.errors import UserError
 
-
-def _check_source(source: str, what: str) -> None:
-    """A path-like source that does not exist is a user error, not a hub lookup."""
-    if Path(source).expanduser().exists():
-        return
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise UserError(f"{what} '{source}': directory not found")
+MODEL_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _hub_error(source: str, what: str, err: Exception) -> UserError:
+def _check_source(source: str, what: str, needed: tuple[str, ...]) -> None:
+    """A local ``--model`` must be a directory holding one of ``needed``; a missing path is not a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in needed):
+            raise UserError(f"--model {source}: no {what} in this directory (expected {' or '.join(needed)})")
+    elif path.exists():
+        raise UserError(f"--model {source}: expected a model directory, got a file")
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise UserError(f"--model {source}: directory not found")
+
+
+def _hub_error(source: str, err: Exception) -> UserError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return UserError(f"{what} '{source}': not a local directory and cannot be loaded from the hub (offline?): {first}")
+    offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.is_offline_mode() else ""
+    return UserError(f"--model {source}: not a local directory and cannot be loaded from the hub{offline}: {first}")
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer; a missing pad token becomes EOS (safe: masks never use the pad id)."""
-    _check_source(source, "tokenizer")
+    _check_source(source, "tokenizer", TOKENIZER_FILES)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise _hub_error(source, "tokenizer", err) from err
+        raise _hub_error(source, err) from err
     if tokenizer.eos_token_id is None:
-        raise UserError(f"tokenizer '{source}' has no EOS token; posttrain needs one to teach the model to stop")
+        raise UserError(f"--model {source}: the tokenizer has no EOS token; posttrain needs one to teach stopping")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -39,11 +48,11 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
 
 def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A causal LM from a local directory or hub id, in ``dtype`` (fp32 master weights by default)."""
-    _check_source(source, "model")
+    _check_source(source, "model", MODEL_FILES)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise _hub_error(source, "model", err) from err
+        raise _hub_error(source, err) from err
 
 
 def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: str) -> PreTrainedModel:

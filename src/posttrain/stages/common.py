@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -25,8 +26,17 @@ log = logging.getLogger(__name__)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    """One accelerator per run; only the main process prints warnings."""
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=tracker_for(config.report_to))
+    """One accelerator per run; only the main process prints warnings.
+
+    Without a GPU (or other accelerator) ``cpu=True`` makes several launched processes
+    (``accelerate launch --multi_gpu`` or ``torchrun``) train data-parallel over gloo;
+    accelerate otherwise runs each of them alone.
+    """
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=config.mixed_precision,
+        log_with=tracker_for(config.report_to),
+    )
     if not accelerator.is_main_process:
         logging.getLogger("posttrain").setLevel(logging.ERROR)
     return accelerator
@@ -46,8 +56,13 @@ def check_output(config: TrainConfig) -> Path:
 
 
 def open_output(config: TrainConfig, accelerator: Accelerator) -> Path:
-    """Clear (with --overwrite) and create OUTPUT, save the resolved config, start trackers."""
-    output = check_output(config)
+    """Clear (with --overwrite) and create OUTPUT, save the resolved config, start trackers.
+
+    Every process has passed ``check_output`` at its start; the barrier keeps the main
+    process from creating OUTPUT before the others have checked it.
+    """
+    output = Path(config.output)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if config.overwrite and output.is_dir():
             shutil.rmtree(output)
