@@ -135,8 +135,8 @@ def test_tokenize_dataset_truncates_or_drops_and_counts(caplog):
     assert every[0]["completion_mask"] == [1, 1, 1]
 
 
-def test_pack_bins_first_fit_decreasing():
-    # sorted by length: 0 (5), 2 (4), 1 (3), 3 (2); 2 and 1 fill a bin of 7, 3 joins 0
+def test_pack_bins_best_fit_decreasing():
+    # sorted by length: 0 (5), 2 (4), 1 (3), 3 (2); 1 fits only beside 2 (free 3), 3 then beside 0 (free 2)
     assert pack_bins([5, 3, 4, 2], capacity=7) == [[0, 3], [2, 1]]
     assert pack_bins([7, 7], capacity=7) == [[0], [1]]
 
@@ -157,3 +157,8 @@ def test_packed_rows_restart_positions_and_pad_as_their_own_block():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
     assert batch["labels"][0].tolist() == [IGNORE_INDEX, 7, 8, 9, IGNORE_INDEX]
     assert torch.equal(batch["n_targets"], torch.tensor(3 + 3))
+
+
+def test_pack_bins_chooses_the_fullest_row_that_fits():
+    # rows [7] (free 3) and [4, 4] (free 2): the 1 joins the fuller row, where first fit would pick [7]
+    assert pack_bins([7, 4, 4, 1], capacity=10) == [[0], [1, 2, 3]]

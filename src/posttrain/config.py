@@ -110,6 +110,11 @@ def _check_value(cls: type, key: str, value: Any, source: str) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
     if kind is str and value is None:
         return ""
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):

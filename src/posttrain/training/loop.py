@@ -92,7 +92,7 @@ class EpochOrder:
     """Global batches of the current epoch, recomputed only when the epoch changes."""
 
     def __init__(self, data: Batches, plan: Plan, config: TrainConfig) -> None:
-        self.lengths = data.dataset["length"]  # one int per example, read once
+        self.lengths = list(data.dataset["length"])  # one int per example, read once
         self.plan, self.config = plan, config
         self.epoch, self.batches = -1, []
 
