@@ -85,9 +85,8 @@ def main() -> None:
     print(f"{'configuration':32} {'tokens/s':>10} {'peak RSS MiB':>13} {'wall s':>8}")
     for name, model, extra in runs:
         result = run_sft(model, data, workdir / "out", args.steps, extra)
-        print(
-            f"{name:32} {result['tokens_per_second']:10.0f} {result['peak_rss_mib']:13.0f} {result['wall_seconds']:8.1f}"
-        )
+        tokens, rss, wall = result["tokens_per_second"], result["peak_rss_mib"], result["wall_seconds"]
+        print(f"{name:32} {tokens:10.0f} {rss:13.0f} {wall:8.1f}")
 
 
 if __name__ == "__main__":

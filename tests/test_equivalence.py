@@ -111,8 +111,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tmp_path
         sft_args(tiny_model, data, tmp_path / "one", *common, "--batch-size", "4"), env=ENV, capture_output=True
     )
     assert one.returncode == 0, one.stderr.decode()[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain", "sft"]  # fmt: skip
+    # accelerate's --cpu flag starts one process; --multi_gpu starts two, which posttrain runs on the CPU
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain", "sft",
+    ]  # fmt: skip
     two_args = sft_args(tiny_model, data, tmp_path / "two", *common, "--batch-size", "2")[len(cli()) :]
     two = subprocess.run(launch + two_args, env=ENV, capture_output=True)
     assert two.returncode == 0, two.stderr.decode()[-2000:]

@@ -8,6 +8,7 @@ so a pad token equal to EOS cannot hide the real EOS from the loss.
 from __future__ import annotations
 
 import bisect
+from itertools import chain
 from typing import Any
 
 import datasets
@@ -76,9 +77,9 @@ def pack_dataset(tokenized: datasets.Dataset, max_length: int) -> datasets.Datas
     def gather(members: list[int]) -> dict[str, Any]:
         rows = tokenized[members]
         return {
-            "input_ids": sum(rows["input_ids"], []),
-            "completion_mask": sum(rows["completion_mask"], []),
-            "position_ids": sum((list(range(n)) for n in rows["length"]), []),
+            "input_ids": list(chain.from_iterable(rows["input_ids"])),
+            "completion_mask": list(chain.from_iterable(rows["completion_mask"])),
+            "position_ids": [p for n in rows["length"] for p in range(n)],
             "length": sum(rows["length"]),
         }
 
