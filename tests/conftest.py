@@ -82,3 +82,24 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_model_pad_eos(tmp_path_factory) -> Path:
     """The same, but the tokenizer's pad token is its EOS token."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model-pad-eos"), pad_is_eos=True)
+
+
+def preference_rows(n: int, seed: int = 0, conversational: bool = False) -> list[dict]:
+    """Learnable pairs: both answers share their words, the chosen one ends in "yes", the rejected in "no"."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = "say " + " ".join(rng.choice(WORDS) for _ in range(3))
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+        chosen, rejected = f"{words} yes", f"{words} no"
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+        else:
+            rows.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
+    return rows

@@ -16,11 +16,13 @@ from accelerate import PartialState
 from posttrain import __version__
 from posttrain import config as config_io
 from posttrain.errors import UserError
+from posttrain.stages.dpo import DPOConfig, run_dpo
 from posttrain.stages.sft import SFTConfig, run_sft
 
 # name -> (config dataclass, run function, one-line description)
 STAGES: dict[str, tuple[type, Callable, str]] = {
     "sft": (SFTConfig, run_sft, "supervised fine-tuning on demonstrations"),
+    "dpo": (DPOConfig, run_dpo, "preference optimisation: DPO and its family (--loss)"),
 }
 
 

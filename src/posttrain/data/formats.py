@@ -71,10 +71,15 @@ def _unknown_format_message(columns: list[str]) -> str:
     return "; ".join([message, *hints])
 
 
-def require_format(fmt: DataFormat, allowed: tuple[str, ...], source: str, stage: str) -> None:
-    """Refuse a format the stage cannot train on, naming the ones it can."""
-    if fmt.name not in allowed:
-        raise UserError(f"{source}: {stage} needs {' or '.join(allowed)} data, but this file is {fmt.name}")
+def require_format(fmt: DataFormat, allowed: tuple[str, ...], source: str, stage: str, columns: list[str]) -> None:
+    """Refuse a format the stage cannot train on, naming the ones it can (and, for one, its missing columns)."""
+    if fmt.name in allowed:
+        return
+    message = f"{source}: {stage} needs {' or '.join(allowed)} data, but this file is {fmt.name}"
+    if len(allowed) == 1:
+        missing = [c for c in FORMAT_COLUMNS[allowed[0]] if c not in columns]
+        message += f" (missing column {', '.join(repr(c) for c in missing)})" if missing else ""
+    raise UserError(message)
 
 
 def validate_rows(dataset: datasets.Dataset, fmt: DataFormat, source: str) -> None:

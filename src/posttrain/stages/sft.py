@@ -45,7 +45,7 @@ def sft_loss(model, batch: Batch) -> LossOutput:
 def prepare(rows: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, config: SFTConfig) -> Batches:
     """Validate, tokenize and (optionally) pack one split."""
     fmt = detect_format(rows, source)
-    require_format(fmt, FORMATS, source, "sft")
+    require_format(fmt, FORMATS, source, "sft", rows.column_names)
     validate_rows(rows, fmt, source)
     tokenized = tokenize_dataset(
         rows, fmt, tokenizer, config.max_length, config.truncation, config.completion_only_loss, source

@@ -110,7 +110,11 @@ def step_micro_batches(data: Batches, batch: list[int], config: TrainConfig, acc
     """This process's collated micro-batches of one global batch."""
     rank, world = accelerator.process_index, accelerator.num_processes
     slices = [micro_batch(batch, a, rank, world, config.batch_size) for a in range(config.grad_accum)]
-    return [data.collate(data.dataset[s]) for s in slices]
+    return [to_device(data.collate(data.dataset[s]), accelerator.device) for s in slices]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def accumulate(model, micro_batches: list[Batch], loss_fn: LossFn, accelerator: Accelerator) -> dict[str, float]:
@@ -139,7 +143,8 @@ def accumulate(model, micro_batches: list[Batch], loss_fn: LossFn, accelerator: 
 def window_record(sums: dict[str, float]) -> dict[str, float]:
     """Per-target means of a window's (or an evaluation's) global sums."""
     n = sums["n_targets"]
-    return {name: value / n for name, value in sums.items() if name not in ("n_targets", "n_tokens")}
+    means = {name: value / n for name, value in sums.items() if name not in ("n_targets", "n_tokens")}
+    return {"loss": means.pop("loss"), **means}
 
 
 @torch.no_grad()
@@ -151,7 +156,7 @@ def evaluate(model, data: Batches, loss_fn: LossFn, accelerator: Accelerator, ba
     chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     local: dict[str, torch.Tensor] = {"loss": torch.tensor(0.0), "n_targets": torch.tensor(0.0)}
     for chunk in chunks[accelerator.process_index :: accelerator.num_processes]:
-        batch = data.collate(data.dataset[chunk])
+        batch = to_device(data.collate(data.dataset[chunk]), accelerator.device)
         out = loss_fn(unwrapped, batch)
         for name, value in {"loss": out.loss_sum, "n_targets": batch["n_targets"], **out.metric_sums}.items():
             local[name] = local.get(name, 0) + value.double()
