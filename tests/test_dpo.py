@@ -104,7 +104,7 @@ def test_padding_does_not_change_a_pair_loss(tiny_model, tmp_path):
 
 
 def test_reference_cache_is_reused_and_never_stale(tiny_model, tmp_path, monkeypatch):
-    config, data = pair_data(tiny_model, tmp_path, preference_rows(12))
+    _, data = pair_data(tiny_model, tmp_path, preference_rows(12))
     reference = Reference(AutoModelForCausalLM.from_pretrained(tiny_model).eval())
     cache = str(tmp_path / "cache")
 
@@ -177,6 +177,8 @@ def test_bad_preference_input_gives_one_line(tiny_model, tmp_path, capsys):
     assert "--beta must be positive" in bad(tiny_model, tmp_path, capsys, pairs, "--beta", "0")
     out_of_range = bad(tiny_model, tmp_path, capsys, pairs, "--loss", "robust", "--label-smoothing", "0.5")
     assert "--label-smoothing for robust must be in [0, 0.5)" in out_of_range
+    missing_ref = bad(tiny_model, tmp_path, capsys, pairs, "--ref", str(tmp_path / "no-such-model"))
+    assert "--ref " in missing_ref and "directory not found" in missing_ref
     long_prompt = [{**r, "prompt": r["prompt"] + " cat" * 40} if i == 2 else r for i, r in enumerate(pairs)]
     fills = bad(tiny_model, tmp_path, capsys, long_prompt, "--max-length", "24")
     assert "row 3: the prompt has" in fills and "--max-length 24" in fills

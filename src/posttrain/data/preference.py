@@ -38,7 +38,7 @@ def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
         return chosen[:n], chosen[n:], rejected[n:]
-    n = len(os.path.commonprefix([chosen, rejected]))
+    n = len(os.path.commonprefix([chosen, rejected]))  # noqa: RUF071 -- character-wise on purpose, as TRL
     return chosen[:n], chosen[n:], rejected[n:]
 
 

@@ -14,22 +14,22 @@ MODEL_FILES = ("config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _check_source(source: str, what: str, needed: tuple[str, ...]) -> None:
-    """A local ``--model`` must be a directory holding one of ``needed``; a missing path is not a hub id."""
+def _check_source(source: str, what: str, needed: tuple[str, ...], flag: str = "--model") -> None:
+    """A local model (``flag``) must be a directory holding one of ``needed``; a missing path is not a hub id."""
     path = Path(source).expanduser()
     if path.is_dir():
         if not any((path / name).is_file() for name in needed):
-            raise UserError(f"--model {source}: no {what} in this directory (expected {' or '.join(needed)})")
+            raise UserError(f"{flag} {source}: no {what} in this directory (expected {' or '.join(needed)})")
     elif path.exists():
-        raise UserError(f"--model {source}: expected a model directory, got a file")
+        raise UserError(f"{flag} {source}: expected a model directory, got a file")
     elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise UserError(f"--model {source}: directory not found")
+        raise UserError(f"{flag} {source}: directory not found")
 
 
-def _hub_error(source: str, err: Exception) -> UserError:
+def _hub_error(source: str, err: Exception, flag: str = "--model") -> UserError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.is_offline_mode() else ""
-    return UserError(f"--model {source}: not a local directory and cannot be loaded from the hub{offline}: {first}")
+    return UserError(f"{flag} {source}: not a local directory and cannot be loaded from the hub{offline}: {first}")
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -46,13 +46,18 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
     return tokenizer
 
 
-def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A causal LM from a local directory or hub id, in ``dtype`` (fp32 master weights by default)."""
-    _check_source(source, "model", MODEL_FILES)
+def load_model(
+    source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, flag: str = "--model"
+) -> PreTrainedModel:
+    """A causal LM from a local directory or hub id, in ``dtype`` (fp32 master weights by default).
+
+    ``flag`` names the option the source came from, for error messages (``--model``, ``--ref``).
+    """
+    _check_source(source, "model", MODEL_FILES, flag)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise _hub_error(source, err) from err
+        raise _hub_error(source, err, flag) from err
 
 
 def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: str) -> PreTrainedModel:

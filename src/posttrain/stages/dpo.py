@@ -111,7 +111,8 @@ def load_reference(config: DPOConfig, policy, accelerator: Accelerator) -> Refer
         return None
     if config.lora_r and not config.ref:
         return Reference(policy, adapters_off=True)
-    model = load_model(config.ref or config.model, trust_remote_code=config.trust_remote_code)
+    flag = "--ref" if config.ref else "--model"
+    model = load_model(config.ref or config.model, trust_remote_code=config.trust_remote_code, flag=flag)
     return Reference(model.eval().requires_grad_(False).to(accelerator.device))
 
 

@@ -195,11 +195,12 @@ def train(
     model.train()
     log = MetricsLog(output / "metrics.jsonl", accelerator)
     bar = tqdm(total=plan.total_steps, initial=start, disable=not accelerator.is_main_process, desc="training")
-    order, window, tick = EpochOrder(train_data, plan, config), {}, time.perf_counter()
+    order, window, window_steps, tick = EpochOrder(train_data, plan, config), {}, 0, time.perf_counter()
     for step in range(start + 1, plan.total_steps + 1):
         micro_batches = step_micro_batches(train_data, order.global_batch(step), config, accelerator)
         sums = accumulate(model, micro_batches, loss_fn, accelerator)
         add_sums(window, sums)
+        window_steps += 1
         loss = sums["loss"] / sums["n_targets"]
         if not math.isfinite(loss):
             last = ckpt.latest_checkpoint(output / "checkpoints")
@@ -215,9 +216,10 @@ def train(
             record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **window_record(window)}
             record |= {"learning_rate": learning_rate, "grad_norm": float(grad_norm)}
             record["tokens_per_second"] = window["n_tokens"] / (now - tick)
+            record["samples_per_second"] = window_steps * plan.global_batch / (now - tick)  # pairs, for DPO
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
-            window, tick = {}, now
+            window, window_steps, tick = {}, 0, now
         if eval_data is not None and config.eval_steps and step % config.eval_steps == 0:
             log.write({"step": step, **evaluate(model, eval_data, loss_fn, accelerator, config.batch_size)})
         if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
