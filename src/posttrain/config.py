@@ -52,6 +52,7 @@ class TrainConfig:
     truncation: Literal["truncate", "drop"] = option("truncate", "what to do with sequences over --max-length")
     group_by_length: bool = option(False, "batch examples of similar length together to waste less padding")
     seed: int = option(42, "random seed (data order, initialisation of new weights, dropout)")
+    data_seed: int = option(-1, "seed of the data order alone; -1: use --seed")
     logging_steps: int = option(10, "write metrics every N optimizer steps")
     eval_steps: int = option(0, "evaluate every N steps (0: only at the end)")
     save_steps: int = option(500, "write a resumable checkpoint every N steps (0: only at the end)")

@@ -101,7 +101,8 @@ class EpochOrder:
         epoch, index = divmod(step - 1, self.plan.steps_per_epoch)
         if epoch != self.epoch:
             c = self.config
-            self.batches = epoch_batches(self.lengths, self.plan.global_batch, c.seed, epoch, c.group_by_length)
+            seed = c.seed if c.data_seed < 0 else c.data_seed
+            self.batches = epoch_batches(self.lengths, self.plan.global_batch, seed, epoch, c.group_by_length)
             self.epoch = epoch
         return self.batches[index]
 
