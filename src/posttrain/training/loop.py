@@ -165,8 +165,8 @@ def evaluate(model, data: Batches, loss_fn: LossFn, accelerator: Accelerator, ba
     return {f"eval/{k}": v for k, v in window_record(reduce_sums(local, accelerator)).items()}
 
 
-def resume_step(output: Path, model, optimizer, scheduler, plan: Plan, accelerator: Accelerator) -> int:
-    """Load the newest checkpoint; refuse one written for other data or batch sizes."""
+def resume_state(output: Path, model, optimizer, scheduler, plan: Plan, accelerator: Accelerator) -> dict:
+    """Load the newest checkpoint; refuse one written for other data or batch sizes. Returns its trainer state."""
     path = ckpt.latest_checkpoint(output / "checkpoints")
     if path is None:
         raise UserError(f"--resume: no checkpoint in {output / 'checkpoints'}")
@@ -175,7 +175,30 @@ def resume_step(output: Path, model, optimizer, scheduler, plan: Plan, accelerat
     if written != plan.__dict__:
         raise UserError(f"--resume: {path} was written for {written}, this run has {plan.__dict__}")
     truncate_after(output / "metrics.jsonl", state["step"])
-    return state["step"]
+    return state
+
+
+def optimizer_step(model, optimizer, scheduler, micro_batches, loss_fn, accelerator, config, checkpoints: Path):
+    """One optimizer step over ``micro_batches``: accumulate, check, clip, step.
+
+    Returns (global sums of the step, gradient norm before clipping, learning rate used).
+    A NaN or infinite loss stops the run before the update, naming the last good checkpoint.
+    """
+    sums = accumulate(model, micro_batches, loss_fn, accelerator)
+    loss = sums["loss"] / sums["n_targets"]
+    if not math.isfinite(loss):
+        last = ckpt.latest_checkpoint(checkpoints)
+        raise UserError(f"the loss is {loss}; stopped before the update. Last good checkpoint: {last or 'none'}")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+    learning_rate = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, float(grad_norm), learning_rate
+
+
+def throughput(window: dict[str, float], steps: int, samples_per_step: int, seconds: float) -> dict[str, float]:
+    return {"tokens_per_second": window["n_tokens"] / seconds, "samples_per_second": steps * samples_per_step / seconds}
 
 
 def train(
@@ -191,7 +214,7 @@ def train(
     plan = make_plan(len(train_data.dataset), config, accelerator.num_processes)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, plan.total_steps)
-    start = resume_step(output, model, optimizer, scheduler, plan, accelerator) if config.resume else 0
+    start = resume_state(output, model, optimizer, scheduler, plan, accelerator)["step"] if config.resume else 0
     model, optimizer = accelerator.prepare(model, optimizer)  # not the scheduler: we step it once per step
     model.train()
     log = MetricsLog(output / "metrics.jsonl", accelerator)
@@ -199,25 +222,17 @@ def train(
     order, window, window_steps, tick = EpochOrder(train_data, plan, config), {}, 0, time.perf_counter()
     for step in range(start + 1, plan.total_steps + 1):
         micro_batches = step_micro_batches(train_data, order.global_batch(step), config, accelerator)
-        sums = accumulate(model, micro_batches, loss_fn, accelerator)
+        sums, grad_norm, learning_rate = optimizer_step(
+            model, optimizer, scheduler, micro_batches, loss_fn, accelerator, config, output / "checkpoints"
+        )
         add_sums(window, sums)
         window_steps += 1
-        loss = sums["loss"] / sums["n_targets"]
-        if not math.isfinite(loss):
-            last = ckpt.latest_checkpoint(output / "checkpoints")
-            raise UserError(f"the loss is {loss} at step {step}; stopped. Last good checkpoint: {last or 'none'}")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         if step % config.logging_steps == 0 or step == plan.total_steps:
             now = time.perf_counter()
             record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **window_record(window)}
-            record |= {"learning_rate": learning_rate, "grad_norm": float(grad_norm)}
-            record["tokens_per_second"] = window["n_tokens"] / (now - tick)
-            record["samples_per_second"] = window_steps * plan.global_batch / (now - tick)  # pairs, for DPO
+            record |= {"learning_rate": learning_rate, "grad_norm": grad_norm}
+            record |= throughput(window, window_steps, plan.global_batch, now - tick)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             window, window_steps, tick = {}, 0, now
