@@ -1,0 +1,129 @@
+"""Rewards as one interface: ``reward(prompts, completions) -> scores``.
+
+A reward spec (``--reward``) is one of, or a weighted sum (``+``) of:
+  DIR                  a reward-model directory (``posttrain rm`` output), scores normalised
+                       with the mean/std stored beside it
+  DIR with ensemble.json  a reward ensemble, aggregated by ``--ensemble-aggregate``
+  module:function      a Python function (rule-based reward): ``f(prompts, completions) -> floats``;
+  path/to/file.py:function  the same, from a file
+  0.5*SPEC             a weight
+e.g. ``--reward "runs/rm + 0.5*rules.py:ends_politely"``.
+
+Prompts are passed as they are in the data (strings or message lists), completions as
+decoded strings. A reward model with another tokenizer than the policy's re-tokenizes the
+text itself, so any policy can be scored by any reward model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.data.collate import pad_batch
+from posttrain.data.preference import prompt_and_answer
+from posttrain.errors import UserError
+from posttrain.models import reward_model as rm
+
+Reward = Callable[[Sequence[Any], Sequence[str]], torch.Tensor]  # -> (N,) float32
+
+
+def import_function(spec: str) -> Callable:
+    """``module:function`` or ``path/to/file.py:function``; a failure is one clear line."""
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise UserError(f"--reward {spec}: expected module:function, path/to/file.py:function or a directory")
+    try:
+        if module_name.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if loader is None or not Path(module_name).is_file():
+                raise UserError(f"--reward {spec}: file {module_name} not found")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            sys.path.insert(0, str(Path.cwd()))  # like `python -m`: modules beside the user's data
+            module = importlib.import_module(module_name)
+    except (ImportError, SyntaxError) as err:
+        raise UserError(f"--reward {spec}: cannot import {module_name}: {err}") from err
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise UserError(f"--reward {spec}: {module_name} has no function '{name}'")
+    return function
+
+
+def checked(function: Callable, spec: str) -> Reward:
+    """Wrap a user function: its scores must be one finite float per completion."""
+
+    def reward(prompts: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
+        scores = function(list(prompts), list(completions))
+        values = torch.as_tensor(scores, dtype=torch.float32).flatten()
+        if len(values) != len(completions):
+            raise UserError(f"--reward {spec}: returned {len(values)} scores for {len(completions)} completions")
+        if not torch.isfinite(values).all():
+            raise UserError(f"--reward {spec}: returned a NaN or infinite score ({values.tolist()[:8]})")
+        return values
+
+    return reward
+
+
+def model_reward(directory: str, batch_size: int, device: torch.device) -> Reward:
+    """A reward model scoring prompt + completion with its own tokenizer, normalised by its stats."""
+    model, tokenizer, stats = rm.load_reward_model(directory)
+    model.to(device)
+
+    @torch.no_grad()
+    def reward(prompts: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
+        scores = []
+        for start in range(0, len(completions), batch_size):
+            rows: dict[str, list] = {"input_ids": [], "completion_mask": []}
+            chunk = zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
+            for prompt, text in chunk:
+                conversational = isinstance(prompt, list)
+                answer = [{"role": "assistant", "content": text}] if conversational else text
+                prompt_ids, answer_ids = prompt_and_answer(prompt, answer, conversational, tokenizer)
+                rows["input_ids"].append(prompt_ids + answer_ids)
+                rows["completion_mask"].append([0] * len(prompt_ids) + [1] * len(answer_ids))
+            batch = pad_batch(rows, tokenizer.pad_token_id)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            scores.append(rm.reward_scores(model, ids, mask).float().cpu())
+        return (torch.cat(scores) - stats.mean) / stats.std
+
+    return reward
+
+
+def ensemble_reward(directory: str, how: str, lam: float, batch_size: int, device: torch.device) -> Reward:
+    """Each member scores (normalised by its own stats); ``rm.aggregate`` combines them."""
+    members = [model_reward(str(m), batch_size, device) for m in rm.ensemble_members(directory)]
+
+    def reward(prompts: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
+        return rm.aggregate(torch.stack([m(prompts, completions) for m in members]), how, lam)
+
+    return reward
+
+
+def parse_reward(spec: str, batch_size: int = 16, device: torch.device | str = "cpu",
+                 ensemble_aggregate: str = "mean", ensemble_lambda: float = 1.0) -> Reward:  # fmt: skip
+    """Build the reward a ``--reward`` spec describes (see the module docstring)."""
+    terms = []
+    for term in (t.strip() for t in spec.split("+")):
+        weight, _, source = term.rpartition("*") if "*" in term else ("1", "", term)
+        try:
+            factor = float(weight)
+        except ValueError:
+            raise UserError(f"--reward {spec}: weight '{weight}' of '{term}' is not a number") from None
+        path = Path(source).expanduser()
+        if (path / "ensemble.json").is_file():
+            terms.append((factor, ensemble_reward(source, ensemble_aggregate, ensemble_lambda, batch_size, device)))
+        elif path.is_dir():
+            terms.append((factor, model_reward(source, batch_size, device)))
+        else:
+            terms.append((factor, checked(import_function(source), source)))
+    if len(terms) == 1 and math.isclose(terms[0][0], 1.0):
+        return terms[0][1]
+    return lambda prompts, completions: sum(w * r(prompts, completions) for w, r in terms)

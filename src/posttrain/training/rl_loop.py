@@ -1,0 +1,145 @@
+"""The RL iteration shared by PPO, GRPO and RLOO, built from the shared loop's pieces.
+
+Each iteration (one "step" for logging, checkpoints and ``--max-steps``):
+  1. takes this process's prompts of the iteration's global batch (the same seeded order as
+     the supervised loop, so resume replays the same prompts);
+  2. has the stage make experience: sample responses, score them, compute what its loss
+     needs (old log-probs, reference log-probs, advantages, ...), all without gradient;
+  3. runs ``ppo_epochs`` passes over the experience in shuffled mini-batches of
+     ``batch_size x grad_accum`` samples per process, each one ``optimizer_step`` of the
+     shared loop (token-level normalisation over the mini-batch on all processes);
+  4. logs the iteration's metrics and writes resumable checkpoints, with the stage's
+     extra state (e.g. the adaptive KL coefficient).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from posttrain.data.sampler import epoch_batches, micro_batch
+from posttrain.errors import UserError
+from posttrain.training import checkpoint as ckpt
+from posttrain.training.loop import Batch, Plan, add_sums, optimizer_step, resume_state, to_device, window_record
+from posttrain.training.metrics import MetricsLog
+from posttrain.training.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Experience:
+    """Per-sample tensors (first dimension N) that the loss reads, and the rollout's metrics."""
+
+    tensors: dict[str, torch.Tensor]  # must hold "n_targets" (N,) and "n_tokens" (N,) per sample
+    metrics: dict[str, float]
+
+
+MakeExperience = Callable[[torch.nn.Module, dict[str, list]], Experience]
+
+
+def rl_plan(num_prompts: int, config, world_size: int) -> Plan:
+    global_batch = config.rollout_prompts * world_size
+    steps_per_epoch = num_prompts // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"the prompts file has {num_prompts} prompts, fewer than one rollout of {global_batch}")
+    total = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.epochs
+    return Plan(global_batch, steps_per_epoch, total)
+
+
+def updates_per_iteration(config, samples: int) -> int:
+    per_update = config.batch_size * config.grad_accum
+    if samples % per_update:
+        raise UserError(
+            f"each rollout has {samples} samples per process (--rollout-prompts x --num-generations), "
+            f"not a multiple of --batch-size x --grad-accum = {per_update}"
+        )
+    return config.ppo_epochs * samples // per_update
+
+
+def mini_batches(experience: Experience, config, seed: int) -> list[list[Batch]]:
+    """Shuffled optimizer steps over the experience: each a list of ``grad_accum`` micro-batches."""
+    n = len(experience.tensors["n_targets"])
+    per_update, steps = config.batch_size * config.grad_accum, []
+    for epoch in range(config.ppo_epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+        for start in range(0, n, per_update):
+            chunk = order[start : start + per_update]
+            micro = [chunk[i : i + config.batch_size] for i in range(0, per_update, config.batch_size)]
+            steps.append([{k: v[m] for k, v in experience.tensors.items()} | _sums(experience, m) for m in micro])
+    return steps
+
+
+def _sums(experience: Experience, index: torch.Tensor) -> Batch:
+    return {
+        "n_targets": experience.tensors["n_targets"][index].sum(),
+        "n_tokens": experience.tensors["n_tokens"][index].sum(),
+    }
+
+
+def mean_over_processes(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    names = sorted(metrics)
+    values = accelerator.reduce(torch.tensor([metrics[n] for n in names], dtype=torch.float64), reduction="mean")
+    return dict(zip(names, values.tolist(), strict=True))
+
+
+def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, loss_fn, config,
+           accelerator: Accelerator, output: Path, extra_state: dict[str, Any]) -> torch.nn.Module:  # fmt: skip
+    """Run the RL iterations described in the module docstring; returns the unwrapped model."""
+    plan = rl_plan(len(prompts), config, accelerator.num_processes)
+    updates = updates_per_iteration(config, config.rollout_prompts * config.num_generations)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, plan.total_steps * updates)
+    start = 0
+    if config.resume:
+        state = resume_state(output, model, optimizer, scheduler, plan, accelerator)
+        start = state["step"]
+        for name, holder in extra_state.items():
+            holder.load_state_dict(state["extra"][name])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    log = MetricsLog(output / "metrics.jsonl", accelerator)
+    bar = tqdm(total=plan.total_steps, initial=start, disable=not accelerator.is_main_process, desc="rl")
+    seed = config.seed if config.data_seed < 0 else config.data_seed
+    lengths, batches, epoch_seen = list(prompts["length"]), [], -1
+    for step in range(start + 1, plan.total_steps + 1):
+        epoch, index = divmod(step - 1, plan.steps_per_epoch)
+        if epoch != epoch_seen:
+            batches, epoch_seen = epoch_batches(lengths, plan.global_batch, seed, epoch), epoch
+        mine = micro_batch(
+            batches[index], 0, accelerator.process_index, accelerator.num_processes, config.rollout_prompts
+        )
+        tick = time.perf_counter()
+        model.eval()
+        experience = make_experience(accelerator.unwrap_model(model), prompts[mine])
+        model.train()
+        rollout_seconds, window = time.perf_counter() - tick, {}
+        for micro in mini_batches(experience, config, config.seed * 100_003 + step):
+            micro = [to_device(b, accelerator.device) for b in micro]
+            sums, grad_norm, lr = optimizer_step(model, optimizer, scheduler, micro, loss_fn, accelerator, config,
+                                                 output / "checkpoints")  # fmt: skip
+            add_sums(window, sums)
+        seconds = time.perf_counter() - tick
+        record = {"step": step, "episode": step * plan.global_batch * config.num_generations}
+        record |= mean_over_processes(experience.metrics, accelerator) | window_record(window)
+        record |= {"learning_rate": lr, "grad_norm": grad_norm}
+        record["rollout_tokens_per_second"] = experience.metrics["completions/mean_length"] * len(
+            experience.tensors["n_targets"]) * accelerator.num_processes / rollout_seconds  # fmt: skip
+        record["samples_per_second"] = config.ppo_epochs * plan.global_batch * config.num_generations / (
+            seconds - rollout_seconds)  # fmt: skip
+        bar.update(1)
+        if step % config.logging_steps == 0 or step == plan.total_steps:
+            log.write(record)
+            bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
+        if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
+            state = {"step": step, "epoch": epoch, **plan.__dict__,
+                     "extra": {name: holder.state_dict() for name, holder in extra_state.items()}}  # fmt: skip
+            ckpt.save_checkpoint(output / "checkpoints", model, optimizer, scheduler, accelerator, state,
+                                 config.save_total_limit)  # fmt: skip
+    bar.close()
+    return accelerator.unwrap_model(model)
