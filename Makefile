@@ -34,3 +34,4 @@ lint: setup
 bench: setup
 	$(OFFLINE) $(BIN)/python bench/sft_throughput.py
 	$(OFFLINE) $(BIN)/python bench/dpo_throughput.py --model smollm2 --steps 16 --batch-size 4
+	$(OFFLINE) $(BIN)/python bench/rl_throughput.py --model smollm2
