@@ -139,3 +139,38 @@ def test_prompts_without_a_prompt_column_give_one_line(tiny_model, tmp_path, rl_
     assert main(rl_args("grpo", tiny_model, data, f"{rules}:vowel_fraction", tmp_path / "out")) == 2
     assert "need a 'prompt' column" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def reward_models(tmp_path_factory, tiny_model):
+    """A reward model sharing the policy's tokenizer, and one with a tokenizer of its own."""
+    from conftest import corpus, preference_rows
+    from posttrain.models.factory import build_llama, train_tokenizer
+
+    root = tmp_path_factory.mktemp("reward-models")
+    other = root / "other-base"
+    tokenizer = train_tokenizer(corpus(seed=5), vocab_size=280)
+    build_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    data = write_jsonl(root / "pairs.jsonl", preference_rows(64))
+    for base, name in ((tiny_model, "same"), (other, "other")):
+        args = ["rm", "--model", str(base), "--data", str(data), "--output", str(root / name), "--max-steps", "4"]
+        assert main([*args, "--learning-rate", "1e-3", "--batch-size", "8"]) == 0
+    return root / "same", root / "other"
+
+
+def test_reward_models_score_any_policy_and_can_seed_the_value(tiny_model, tmp_path, rl_files, reward_models, capsys):
+    prompts, _ = rl_files
+    same, other = reward_models
+    short = ["--max-steps", "2", "--learning-rate", "1e-3", "--save-steps", "0"]
+    # a reward model with another tokenizer re-tokenizes the text: no refusal
+    assert main(rl_args("grpo", tiny_model, prompts, f"{other} + 0.5*{same}", tmp_path / "g", *short)) == 0
+    _, records = scores(tmp_path / "g")
+    assert all(torch.isfinite(torch.tensor(r["objective/scores"])) for r in records)
+    # PPO with the value model initialised from the reward model (InstructGPT)
+    assert main(rl_args("ppo", tiny_model, prompts, str(same), tmp_path / "p", *short, "--value-model", "reward")) == 0
+    _, records = scores(tmp_path / "p")
+    assert torch.isfinite(torch.tensor(records[-1]["loss/value"]))
+    # ... which needs the policy's tokenizer
+    code = main(rl_args("ppo", tiny_model, prompts, str(other), tmp_path / "q", *short, "--value-model", "reward"))
+    assert code == 2 and "--value-model policy" in capsys.readouterr().err

@@ -19,12 +19,14 @@ from posttrain.errors import UserError
 from posttrain.stages.dpo import DPOConfig, run_dpo
 from posttrain.stages.grpo import GRPOConfig, RLOOConfig, run_grpo
 from posttrain.stages.ppo import PPOConfig, run_ppo
+from posttrain.stages.rm import RMConfig, run_rm
 from posttrain.stages.sft import SFTConfig, run_sft
 
 # name -> (config dataclass, run function, one-line description)
 STAGES: dict[str, tuple[type, Callable, str]] = {
     "sft": (SFTConfig, run_sft, "supervised fine-tuning on demonstrations"),
     "dpo": (DPOConfig, run_dpo, "preference optimisation: DPO and its family (--loss)"),
+    "rm": (RMConfig, run_rm, "reward model from pairwise preferences (Bradley–Terry; --ensemble K)"),
     "ppo": (PPOConfig, run_ppo, "RLHF with PPO against a reward, under a KL penalty to the reference"),
     "grpo": (GRPOConfig, run_grpo, "critic-free RL with group-normalised advantages (GRPO)"),
     "rloo": (RLOOConfig, run_grpo, "critic-free RL with the leave-one-out baseline (RLOO)"),

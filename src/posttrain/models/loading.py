@@ -14,7 +14,7 @@ MODEL_FILES = ("config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _check_source(source: str, what: str, needed: tuple[str, ...], flag: str = "--model") -> None:
+def check_source(source: str, what: str, needed: tuple[str, ...], flag: str = "--model") -> None:
     """A local model (``flag``) must be a directory holding one of ``needed``; a missing path is not a hub id."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -26,7 +26,7 @@ def _check_source(source: str, what: str, needed: tuple[str, ...], flag: str = "
         raise UserError(f"{flag} {source}: directory not found")
 
 
-def _hub_error(source: str, err: Exception, flag: str = "--model") -> UserError:
+def hub_error(source: str, err: Exception, flag: str = "--model") -> UserError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.is_offline_mode() else ""
     return UserError(f"{flag} {source}: not a local directory and cannot be loaded from the hub{offline}: {first}")
@@ -34,11 +34,11 @@ def _hub_error(source: str, err: Exception, flag: str = "--model") -> UserError:
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer; a missing pad token becomes EOS (safe: masks never use the pad id)."""
-    _check_source(source, "tokenizer", TOKENIZER_FILES)
+    check_source(source, "tokenizer", TOKENIZER_FILES)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise _hub_error(source, err) from err
+        raise hub_error(source, err) from err
     if tokenizer.eos_token_id is None:
         raise UserError(f"--model {source}: the tokenizer has no EOS token; posttrain needs one to teach stopping")
     if tokenizer.pad_token_id is None:
@@ -53,20 +53,32 @@ def load_model(
 
     ``flag`` names the option the source came from, for error messages (``--model``, ``--ref``).
     """
-    _check_source(source, "model", MODEL_FILES, flag)
+    check_source(source, "model", MODEL_FILES, flag)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise _hub_error(source, err, flag) from err
+        raise hub_error(source, err, flag) from err
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: str) -> PreTrainedModel:
-    """Freeze the model and add trainable LoRA adapters (Hu et al. 2021) through ``peft``."""
+def add_lora(
+    model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: str, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
+    """Freeze the model and add trainable LoRA adapters (Hu et al. 2021) through ``peft``.
+
+    ``task_type="SEQ_CLS"`` (reward models) keeps the new ``score`` head fully trainable.
+    """
     from peft import LoraConfig, get_peft_model  # imported here: only LoRA runs need peft loaded
 
     targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
     try:
         return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"--lora-target-modules '{target_modules}': {str(err).splitlines()[0]}") from err
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is wrapped by ``peft`` (LoRA adapters)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

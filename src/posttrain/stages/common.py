@@ -19,7 +19,7 @@ from posttrain import config as config_io
 from posttrain.config import TrainConfig
 from posttrain.data.loading import load_rows
 from posttrain.errors import UserError
-from posttrain.models.loading import add_lora, load_model, load_tokenizer
+from posttrain.models.loading import add_lora, is_peft, load_model, load_tokenizer
 from posttrain.training.metrics import tracker_for
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,11 @@ def load_stage_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
 def save_final(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, accelerator: Accelerator
 ) -> None:
-    """OUTPUT becomes a Hugging Face checkpoint; LoRA adapters are kept in OUTPUT/adapter and merged."""
+    """OUTPUT becomes a Hugging Face checkpoint; LoRA adapters are kept in OUTPUT/adapter and merged.
+
+    Trackers are closed, but the process group stays up (not ``end_training``): a process may
+    train again, as the members of a reward ensemble do.
+    """
     if accelerator.is_main_process:
         if is_peft(model):
             model.save_pretrained(output / "adapter")
@@ -110,10 +114,6 @@ def save_final(
         model.save_pretrained(output)
         tokenizer.save_pretrained(output)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-
-
-def is_peft(model: PreTrainedModel) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []

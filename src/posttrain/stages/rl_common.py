@@ -38,8 +38,10 @@ class RLConfig(TrainConfig):
     kl_coef: float = option(0.05, "β: weight of the KL penalty to the reference")
     missing_eos_penalty: float = option(1.0, "subtracted from the score of completions that never emit EOS")
     reward_clip: float = option(10.0, "scores are clipped to [-c, c] after normalisation")
-    ensemble_aggregate: Literal["mean", "min", "mean_minus_std"] = option("mean", "how an ensemble combines members")
-    ensemble_lambda: float = option(1.0, "λ of mean_minus_std")
+    ensemble_aggregate: Literal["mean", "min", "mean_minus_std", "uwo"] = option(
+        "mean", "how an ensemble combines members: mean, min, mean − λ·std, or uwo: mean − λ·variance"
+    )
+    ensemble_lambda: float = option(1.0, "λ of mean_minus_std and uwo")
     save_steps: int = option(50, "write a resumable checkpoint every N iterations (0: only at the end)")
     logging_steps: int = option(1, "write metrics every N iterations")
 
