@@ -92,7 +92,7 @@ def model_reward(directory: str, batch_size: int, device: torch.device) -> Rewar
             batch = pad_batch(rows, tokenizer.pad_token_id)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             scores.append(rm.reward_scores(model, ids, mask).float().cpu())
-        return (torch.cat(scores) - stats.mean) / stats.std
+        return stats.normalise(torch.cat(scores))
 
     return reward
 

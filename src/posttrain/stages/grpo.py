@@ -46,7 +46,7 @@ class GRPOConfig(RLConfig):
     num_generations: int = option(4, "completions sampled per prompt (the group)")
     ppo_epochs: int = option(1, "optimisation passes over each rollout (GRPO's μ)")
     kl_coef: float = option(0.04, "β: weight of the KL_k3 term to the reference in the loss")
-    scale_rewards: bool = option(True, "GRPO: divide by the group's std (--no-scale-rewards: Dr. GRPO)")
+    scale_rewards: bool = option(True, "GRPO only: divide by the group's std (--no-scale-rewards: Dr. GRPO)")
     advantage: Literal["grpo", "rloo"] = option("grpo", "advantage estimator")
 
     def validate(self) -> None:

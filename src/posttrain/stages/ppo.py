@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate.utils import set_seed
+from accelerate import PartialState
+from accelerate.utils import reduce, set_seed
 
 from posttrain.config import option
 from posttrain.errors import UserError
@@ -52,6 +53,11 @@ class PPOConfig(RLConfig):
     value_model: Literal["policy", "reward"] = option(
         "policy", "value head on the policy, or a value model initialised from the reward model"
     )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations != 1:
+            raise UserError("ppo samples one completion per prompt; --num-generations is for grpo and rloo")
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -130,7 +136,8 @@ def make_experience(model, rows, *, tokenizer, reward, reference, controller, co
     if config.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
     kl_total = kl.sum(-1)  # (N,): KL of each completion, in nats
-    controller.update(kl_total.mean().item(), len(scores))
+    # the controller sees the KL and the number of samples of all processes, so β stays the same on each
+    controller.update(reduce(kl_total.mean(), "mean").item(), len(scores) * PartialState().num_processes)
     metrics = completion_metrics(rollout, scores) | {
         "objective/kl": kl_total.mean().item(),
         "objective/entropy": entropy / len(scores),  # per completion, summed over its tokens
@@ -144,11 +151,12 @@ def make_experience(model, rows, *, tokenizer, reward, reference, controller, co
                "ended": rollout.ended, "prompt_length": torch.full((n,), rollout.prompt_length),
                "old_logprobs": old_logps, "ref_logprobs": ref_logps, "old_values": values,
                "advantages": advantages, "returns": returns, "n_targets": mask.sum(-1),
+               "kl_coef": torch.full((n,), beta),  # the β this rollout was made with, for the k3 loss too
                "n_tokens": rollout.attention.sum(-1)}  # fmt: skip
     return Experience(tensors, metrics)
 
 
-def ppo_loss(model, batch: Batch, *, controller, config: PPOConfig) -> LossOutput:
+def ppo_loss(model, batch: Batch, *, config: PPOConfig) -> LossOutput:
     """Clipped policy + vf_coef × clipped value loss (+ β·k3 when the KL is in the loss), summed over tokens."""
     rollout = as_rollout(batch)
     mask = rollout.response_mask
@@ -159,7 +167,7 @@ def ppo_loss(model, batch: Batch, *, controller, config: PPOConfig) -> LossOutpu
     vf, vf_clipfrac = rl.clipped_value_loss(values, batch["old_values"], batch["returns"], mask, config.cliprange_value)
     loss = pg + config.vf_coef * vf
     if config.kl_estimator == "k3":
-        loss = loss + controller.value * rl.masked_mean(rl.kl_k3(logps, batch["ref_logprobs"]), mask)
+        loss = loss + batch["kl_coef"][0] * rl.masked_mean(rl.kl_k3(logps, batch["ref_logprobs"]), mask)
     n = mask.sum()  # masked means x token count = token sums: the loop normalises over the global batch
     metrics = {"policy/approxkl": approxkl, "policy/clipfrac": clipfrac, "val/clipfrac": vf_clipfrac,
                "loss/policy": pg.detach(), "loss/value": vf.detach()}  # fmt: skip
@@ -181,7 +189,7 @@ def run_ppo(config: PPOConfig) -> Path:
                   else rl.FixedKLController(config.kl_coef))  # fmt: skip
     experience = functools.partial(make_experience, tokenizer=tokenizer, reward=reward, reference=reference,
                                    controller=controller, config=config)  # fmt: skip
-    loss = functools.partial(ppo_loss, controller=controller, config=config)
+    loss = functools.partial(ppo_loss, config=config)
     output = common.open_output(config, accelerator)
     model = run_rl(model, prompts, experience, loss, config, accelerator, output, {"kl_controller": controller})
     common.save_final(model.policy, tokenizer, output, accelerator)

@@ -22,6 +22,7 @@ from posttrain.training.rollout import Rollout, batched_log_probs, tokenize_prom
 @dataclass
 class RLConfig(TrainConfig):
     learning_rate: float = option(1e-6, "peak learning rate of AdamW")
+    max_steps: int = option(-1, "iterations (rollout + optimisation) to run; -1 means --epochs passes over the prompts")
     max_length: int = option(512, "prompts are cut to their last N tokens")
     prompts: str = option("", "prompts: any data file with a 'prompt' column (--data works too)")
     reward: str = option(
@@ -56,6 +57,8 @@ class RLConfig(TrainConfig):
         for name in ("rollout_prompts", "num_generations", "ppo_epochs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_data or self.eval_split:
+            raise UserError("the RL stages do not evaluate on held-out prompts; drop --eval-data / --eval-split")
         if self.temperature <= 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")
 

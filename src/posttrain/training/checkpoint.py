@@ -69,6 +69,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
 def _save_rng(directory: Path, rank: int) -> None:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():  # sampling on GPUs draws from their generators
+        tensors |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
     save_file(tensors, directory / f"rng-{rank}.safetensors")
     meta = {"python": random.getstate(), "numpy": [kind, pos, has_gauss, gauss]}
     (directory / f"rng-{rank}.json").write_text(json.dumps(meta))
@@ -78,6 +80,9 @@ def _load_rng(directory: Path, rank: int) -> None:
     tensors = load_file(directory / f"rng-{rank}.safetensors")
     meta = json.loads((directory / f"rng-{rank}.json").read_text())
     torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
     kind, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = meta["python"]

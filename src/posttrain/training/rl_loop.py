@@ -89,10 +89,18 @@ def mean_over_processes(metrics: dict[str, float], accelerator: Accelerator) -> 
     return dict(zip(names, values.tolist(), strict=True))
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: new and old log-probs of an untouched policy must agree (ratio 1), as in TRL's RL trainers."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, loss_fn, config,
            accelerator: Accelerator, output: Path, extra_state: dict[str, Any]) -> torch.nn.Module:  # fmt: skip
     """Run the RL iterations described in the module docstring; returns the unwrapped model."""
     plan = rl_plan(len(prompts), config, accelerator.num_processes)
+    disable_dropout(model)
     updates = updates_per_iteration(config, config.rollout_prompts * config.num_generations)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, plan.total_steps * updates)

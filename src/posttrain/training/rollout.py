@@ -99,7 +99,6 @@ def sample(model, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase, 
         top_p=config.top_p,
         top_k=0,  # top-p alone, as the reference implementations sample
         max_new_tokens=config.max_new_tokens,
-        min_new_tokens=1,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
