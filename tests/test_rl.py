@@ -14,7 +14,7 @@ from conftest import WORDS, write_jsonl
 from posttrain.cli import main
 from posttrain.errors import UserError
 from posttrain.rewards import parse_reward
-from posttrain.stages import grpo as grpo_stage
+from posttrain.stages import rl_common
 from posttrain.stages.ppo import token_rewards
 from posttrain.training.rollout import left_pad, response_mask
 
@@ -52,12 +52,8 @@ def scores(output: Path) -> tuple[list[float], list[dict]]:
 @pytest.mark.parametrize(("command", "lr"), [("ppo", "1e-2"), ("grpo", "1e-2"), ("rloo", "1e-2")])
 def test_rl_raises_a_rule_based_reward(tiny_model, tmp_path, rl_files, monkeypatch, command, lr):
     prompts, rules = rl_files
-    references = []
-    original = grpo_stage.load_rl_reference if command != "ppo" else None
-    if original:  # keep the reference of the critic-free run to check it stayed frozen
-        monkeypatch.setattr(
-            grpo_stage, "load_rl_reference", lambda *a: references.append(original(*a)) or references[-1]
-        )
+    references, original = [], rl_common.load_rl_reference  # keep the reference to check it stayed frozen
+    monkeypatch.setattr(rl_common, "load_rl_reference", lambda *a: references.append(original(*a)) or references[-1])
     args = rl_args(command, tiny_model, prompts, f"{rules}:vowel_fraction", tmp_path / "out", "--max-steps", "30",
                    "--learning-rate", lr, "--lr-scheduler", "constant")  # fmt: skip
     assert main(args) == 0
@@ -69,13 +65,12 @@ def test_rl_raises_a_rule_based_reward(tiny_model, tmp_path, rl_files, monkeypat
     if command == "ppo":
         names |= {"objective/entropy", "objective/rlhf_reward", "val/clipfrac", "val/explained_variance", "val/mean"}
     assert names <= set(records[-1])
-    for reference in references:
-        start = load_file(Path(tiny_model) / "model.safetensors")
-        for name, tensor in reference.model.state_dict().items():
-            if name in start:
-                assert torch.equal(tensor, start[name]), name
-    samples = (tmp_path / "out" / "model.safetensors").is_file()
-    assert samples
+    (reference,) = references  # the frozen reference kept the starting weights
+    start = load_file(Path(tiny_model) / "model.safetensors")
+    assert all(torch.equal(t, start[n]) for n, t in reference.model.state_dict().items() if n in start)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "completion", "score"} <= set(samples[0]) and samples[-1]["step"] == 30
 
 
 def test_rl_resume_is_bit_identical(tiny_model, tmp_path, rl_files):

@@ -55,7 +55,7 @@ def check_output(config: TrainConfig) -> Path:
     return output
 
 
-def open_output(config: TrainConfig, accelerator: Accelerator) -> Path:
+def open_output(config: TrainConfig, accelerator: Accelerator, trackers: bool = True) -> Path:
     """Clear (with --overwrite) and create OUTPUT, save the resolved config, start trackers.
 
     Every process has passed ``check_output`` at its start; the barrier keeps the main
@@ -69,7 +69,8 @@ def open_output(config: TrainConfig, accelerator: Accelerator) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         config_io.save(config, output / "config.yaml")
     accelerator.wait_for_everyone()
-    accelerator.init_trackers(output.name, config=dataclasses.asdict(config))
+    if trackers:  # a reward ensemble's directory has none: each member starts its own
+        accelerator.init_trackers(output.name, config=dataclasses.asdict(config))
     return output
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate.utils import set_seed
 
 from posttrain.config import option
 from posttrain.errors import UserError
@@ -25,11 +24,10 @@ from posttrain.stages import common
 from posttrain.stages.rl_common import (
     RLConfig,
     completion_metrics,
-    load_prompts,
-    load_rl_reference,
-    load_rl_reward,
     reference_log_probs,
+    sample_rows,
     score,
+    set_up,
 )
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.rl_loop import Experience, run_rl
@@ -82,13 +80,12 @@ def make_experience(model, rows, *, tokenizer, reward, reference, config: GRPOCo
                "old_logprobs": old_logps, "ref_logprobs": ref_logps,
                "advantages": advantages[:, None].expand_as(old_logps).contiguous(),
                "n_targets": mask.sum(-1), "n_tokens": rollout.attention.sum(-1)}  # fmt: skip
-    return Experience(tensors, metrics)
+    return Experience(tensors, metrics, sample_rows(prompts, rollout, scores, tokenizer, config.samples_per_log))
 
 
 def group_loss(model, batch: Batch, *, config: GRPOConfig) -> LossOutput:
     """Clipped policy loss + β·KL_k3(π‖π_ref), both summed over the micro-batch's completion tokens."""
-    rollout = Rollout(batch["sequences"], batch["attention"], batch["response_mask"],
-                      int(batch["prompt_length"][0]), batch["ended"])  # fmt: skip
+    rollout = Rollout.from_batch(batch)
     mask = rollout.response_mask
     logps = response_log_probs(response_logits(model, rollout), rollout, config.temperature)
     pg, clipfrac, approxkl = rl.clipped_policy_loss(logps, batch["old_logprobs"], batch["advantages"], mask,
@@ -101,18 +98,11 @@ def group_loss(model, batch: Batch, *, config: GRPOConfig) -> LossOutput:
 
 def run_grpo(config: GRPOConfig) -> Path:
     """Train per ``config`` (GRPO or RLOO by ``config.advantage``); returns the output directory."""
-    common.check_output(config)
-    accelerator = common.make_accelerator(config)
-    set_seed(config.seed)
-    tokenizer = common.load_stage_tokenizer(config)
-    prompts = load_prompts(config, tokenizer, accelerator)
-    reward = load_rl_reward(config, accelerator)
-    policy = common.load_trainable(config)
-    reference = load_rl_reference(config, policy, accelerator)
-    experience = functools.partial(make_experience, tokenizer=tokenizer, reward=reward, reference=reference,
+    s = set_up(config)
+    experience = functools.partial(make_experience, tokenizer=s.tokenizer, reward=s.reward, reference=s.reference,
                                    config=config)  # fmt: skip
-    output = common.open_output(config, accelerator)
-    policy = run_rl(policy, prompts, experience, functools.partial(group_loss, config=config), config,
-                    accelerator, output, {})  # fmt: skip
-    common.save_final(policy, tokenizer, output, accelerator)
+    output = common.open_output(config, s.accelerator)
+    policy = run_rl(s.policy, s.prompts, experience, functools.partial(group_loss, config=config), config,
+                    s.accelerator, output, {})  # fmt: skip
+    common.save_final(policy, s.tokenizer, output, s.accelerator)
     return output

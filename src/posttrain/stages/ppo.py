@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import reduce, set_seed
+from accelerate.utils import reduce
 
 from posttrain.config import option
 from posttrain.errors import UserError
@@ -29,11 +29,10 @@ from posttrain.stages import common
 from posttrain.stages.rl_common import (
     RLConfig,
     completion_metrics,
-    load_prompts,
-    load_rl_reference,
-    load_rl_reward,
     reference_log_probs,
+    sample_rows,
     score,
+    set_up,
 )
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.rl_loop import Experience, run_rl
@@ -95,11 +94,6 @@ def build_value(policy, config: PPOConfig, tokenizer) -> PolicyWithValue:
     return PolicyWithValue(policy, model.score, model.base_model.train())
 
 
-def as_rollout(batch: Batch) -> Rollout:
-    return Rollout(batch["sequences"], batch["attention"], batch["response_mask"],
-                   int(batch["prompt_length"][0]), batch["ended"])  # fmt: skip
-
-
 @torch.no_grad()
 def evaluate_rollout(model: PolicyWithValue, rollout: Rollout, config: PPOConfig):
     """Old log-probs and values of the sampled responses ((N, R) each), in micro-batches, and the
@@ -153,12 +147,12 @@ def make_experience(model, rows, *, tokenizer, reward, reference, controller, co
                "advantages": advantages, "returns": returns, "n_targets": mask.sum(-1),
                "kl_coef": torch.full((n,), beta),  # the β this rollout was made with, for the k3 loss too
                "n_tokens": rollout.attention.sum(-1)}  # fmt: skip
-    return Experience(tensors, metrics)
+    return Experience(tensors, metrics, sample_rows(rows["prompt"], rollout, scores, tokenizer, config.samples_per_log))
 
 
 def ppo_loss(model, batch: Batch, *, config: PPOConfig) -> LossOutput:
     """Clipped policy + vf_coef × clipped value loss (+ β·k3 when the KL is in the loss), summed over tokens."""
-    rollout = as_rollout(batch)
+    rollout = Rollout.from_batch(batch)
     mask = rollout.response_mask
     logits, values = model(rollout)
     logps = response_log_probs(logits, rollout, config.temperature)
@@ -176,21 +170,14 @@ def ppo_loss(model, batch: Batch, *, config: PPOConfig) -> LossOutput:
 
 def run_ppo(config: PPOConfig) -> Path:
     """Train per ``config``; returns the output directory (the policy as a Hugging Face checkpoint)."""
-    common.check_output(config)
-    accelerator = common.make_accelerator(config)
-    set_seed(config.seed)
-    tokenizer = common.load_stage_tokenizer(config)
-    prompts = load_prompts(config, tokenizer, accelerator)
-    reward = load_rl_reward(config, accelerator)
-    policy = common.load_trainable(config)
-    reference = load_rl_reference(config, policy, accelerator)
-    model = build_value(policy, config, tokenizer)
+    s = set_up(config)
+    model = build_value(s.policy, config, s.tokenizer)
     controller = (rl.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target
                   else rl.FixedKLController(config.kl_coef))  # fmt: skip
-    experience = functools.partial(make_experience, tokenizer=tokenizer, reward=reward, reference=reference,
+    experience = functools.partial(make_experience, tokenizer=s.tokenizer, reward=s.reward, reference=s.reference,
                                    controller=controller, config=config)  # fmt: skip
     loss = functools.partial(ppo_loss, config=config)
-    output = common.open_output(config, accelerator)
-    model = run_rl(model, prompts, experience, loss, config, accelerator, output, {"kl_controller": controller})
-    common.save_final(model.policy, tokenizer, output, accelerator)
+    output = common.open_output(config, s.accelerator)
+    model = run_rl(model, s.prompts, experience, loss, config, s.accelerator, output, {"kl_controller": controller})
+    common.save_final(model.policy, s.tokenizer, output, s.accelerator)
     return output

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.config import TrainConfig, option
@@ -45,6 +46,8 @@ class RLConfig(TrainConfig):
     ensemble_lambda: float = option(1.0, "λ of mean_minus_std and uwo")
     save_steps: int = option(50, "write a resumable checkpoint every N iterations (0: only at the end)")
     logging_steps: int = option(1, "write metrics every N iterations")
+    sample_steps: int = option(10, "write sample completions to OUTPUT/samples.jsonl every N iterations")
+    samples_per_log: int = option(4, "completions written each time")
 
     def validate(self) -> None:
         if self.prompts and self.data and self.prompts != self.data:
@@ -54,13 +57,35 @@ class RLConfig(TrainConfig):
         super().validate()
         if not self.reward:
             raise UserError("--reward is required (or set `reward:` in the config file)")
-        for name in ("rollout_prompts", "num_generations", "ppo_epochs", "max_new_tokens"):
+        for name in ("rollout_prompts", "num_generations", "ppo_epochs", "max_new_tokens", "sample_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.eval_data or self.eval_split:
             raise UserError("the RL stages do not evaluate on held-out prompts; drop --eval-data / --eval-split")
         if self.temperature <= 0:
             raise UserError(f"--temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class RLSetup:
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    prompts: Any  # tokenized prompts (datasets.Dataset)
+    reward: Reward
+    policy: Any
+    reference: Reference
+
+
+def set_up(config: RLConfig) -> RLSetup:
+    """In order: check OUTPUT, accelerator, seed, tokenizer, prompts, reward, policy, reference."""
+    common.check_output(config)
+    accelerator = common.make_accelerator(config)
+    set_seed(config.seed)
+    tokenizer = common.load_stage_tokenizer(config)
+    prompts = load_prompts(config, tokenizer, accelerator)
+    reward = load_rl_reward(config, accelerator)
+    policy = common.load_trainable(config)
+    return RLSetup(accelerator, tokenizer, prompts, reward, policy, load_rl_reference(config, policy, accelerator))
 
 
 def load_prompts(config: RLConfig, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator):
@@ -97,6 +122,15 @@ def score(reward: Reward, prompts: list[Any], rollout: Rollout, tokenizer, confi
     scores = reward(prompts, texts).to(rollout.sequences.device)
     scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
     return scores.clamp(-config.reward_clip, config.reward_clip)
+
+
+def sample_rows(prompts: list[Any], rollout: Rollout, scores: torch.Tensor, tokenizer, count: int) -> list[dict]:
+    """The first ``count`` (prompt, completion, score) rows of a rollout, for OUTPUT/samples.jsonl."""
+    rows = []
+    for i in range(min(count, len(prompts))):
+        completion = tokenizer.decode(rollout.responses[i][rollout.response_mask[i].bool()], skip_special_tokens=True)
+        rows.append({"prompt": prompts[i], "completion": completion, "score": scores[i].item()})
+    return rows
 
 
 def completion_metrics(rollout: Rollout, scores: torch.Tensor) -> dict[str, float]:

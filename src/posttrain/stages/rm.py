@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import math
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from accelerate.utils import gather_object, set_seed
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from posttrain import config as config_io
 from posttrain.config import TrainConfig, option
 from posttrain.data.collate import pad_batch
 from posttrain.data.formats import detect_format, require_format, validate_rows
@@ -294,19 +292,6 @@ def member_config(config: RMConfig, i: int) -> RMConfig:
                                output=str(directory), ensemble=1, resume=resume, overwrite=not resume)  # fmt: skip
 
 
-def open_ensemble(config: RMConfig, accelerator: Accelerator) -> Path:
-    """OUTPUT of an ensemble: cleared with --overwrite, holding the resolved config (members start the trackers)."""
-    output = Path(config.output)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if config.overwrite and output.is_dir():
-            shutil.rmtree(output)
-        output.mkdir(parents=True, exist_ok=True)
-        config_io.save(config, output / "config.yaml")
-    accelerator.wait_for_everyone()
-    return output
-
-
 def run_rm(config: RMConfig) -> Path:
     """Train per ``config``; returns the output directory (a reward model, or an ensemble of them)."""
     common.check_output(config)
@@ -322,7 +307,7 @@ def run_rm(config: RMConfig) -> Path:
     if config.ensemble == 1:
         output = train_member(config, tokenizer, train_data, eval_data, accelerator)
     else:
-        output = open_ensemble(config, accelerator)
+        output = common.open_output(config, accelerator, trackers=False)
         members = [member_config(config, i) for i in range(config.ensemble)]
         for member in members:
             if not (config.resume and (Path(member.output) / STATS_FILE).is_file()):  # skip finished members

@@ -175,6 +175,7 @@ def resume_state(output: Path, model, optimizer, scheduler, plan: Plan, accelera
     if written != plan.__dict__:
         raise UserError(f"--resume: {path} was written for {written}, this run has {plan.__dict__}")
     truncate_after(output / "metrics.jsonl", state["step"])
+    truncate_after(output / "samples.jsonl", state["step"])  # RL stages
     return state
 
 

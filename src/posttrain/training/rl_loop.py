@@ -14,6 +14,7 @@ Each iteration (one "step" for logging, checkpoints and ``--max-steps``):
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Experience:
 
     tensors: dict[str, torch.Tensor]  # must hold "n_targets" (N,) and "n_tokens" (N,) per sample
     metrics: dict[str, float]
+    samples: list[dict[str, Any]]  # a few (prompt, completion, score) rows for OUTPUT/samples.jsonl
 
 
 MakeExperience = Callable[[torch.nn.Module, dict[str, list]], Experience]
@@ -87,6 +89,13 @@ def mean_over_processes(metrics: dict[str, float], accelerator: Accelerator) -> 
     names = sorted(metrics)
     values = accelerator.reduce(torch.tensor([metrics[n] for n in names], dtype=torch.float64), reduction="mean")
     return dict(zip(names, values.tolist(), strict=True))
+
+
+def write_samples(path: Path, step: int, samples: list[dict[str, Any]], accelerator: Accelerator) -> None:
+    """Append the main process's sample completions of this iteration (one JSON object per completion)."""
+    if accelerator.is_main_process:
+        with path.open("a") as file:
+            file.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -143,6 +152,8 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
         bar.update(1)
         if step % config.logging_steps == 0 or step == plan.total_steps:
             log.write(record)
+        if step % config.sample_steps == 0 or step == plan.total_steps:
+            write_samples(output / "samples.jsonl", step, experience.samples, accelerator)
             bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
         if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
             state = {"step": step, "epoch": epoch, **plan.__dict__,

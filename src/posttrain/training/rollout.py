@@ -63,6 +63,12 @@ class Rollout:
     def positions(self) -> torch.Tensor:
         return (self.attention.cumsum(-1) - 1).clamp(min=0)  # (N, P + R)
 
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> Rollout:
+        """The rollout rows of an experience micro-batch (which stores the prompt length per sample)."""
+        return cls(batch["sequences"], batch["attention"], batch["response_mask"],
+                   int(batch["prompt_length"][0]), batch["ended"])  # fmt: skip
+
     def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(self.sequences[index], self.attention[index], self.response_mask[index],
                        self.prompt_length, self.ended[index])  # fmt: skip
