@@ -73,11 +73,13 @@ def test_rl_raises_a_rule_based_reward(tiny_model, tmp_path, rl_files, monkeypat
     assert {"step", "prompt", "completion", "score"} <= set(samples[0]) and samples[-1]["step"] == 30
 
 
-def test_rl_resume_is_bit_identical(tiny_model, tmp_path, rl_files):
+@pytest.mark.parametrize("command", ["grpo", "ppo"])
+def test_rl_resume_is_bit_identical(tiny_model, tmp_path, rl_files, command):
     prompts, rules = rl_files
     common = ["--max-steps", "6", "--save-steps", "3", "--learning-rate", "1e-2"]
+    common += ["--kl-target", "0.5", "--kl-horizon", "100"] if command == "ppo" else []  # adaptive β is resumed too
     full = tmp_path / "full"
-    assert main(rl_args("grpo", tiny_model, prompts, f"{rules}:vowel_fraction", full, *common)) == 0
+    assert main(rl_args(command, tiny_model, prompts, f"{rules}:vowel_fraction", full, *common)) == 0
     # the state a run killed after iteration 4 leaves: the step-3 checkpoint, metrics up to 4, no final model
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
@@ -85,10 +87,14 @@ def test_rl_resume_is_bit_identical(tiny_model, tmp_path, rl_files):
         (cut / name).unlink(missing_ok=True)
     lines = (cut / "metrics.jsonl").read_text().splitlines()[:4]
     (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    assert main(rl_args("grpo", tiny_model, prompts, f"{rules}:vowel_fraction", cut, *common, "--resume")) == 0
+    assert main(rl_args(command, tiny_model, prompts, f"{rules}:vowel_fraction", cut, *common, "--resume")) == 0
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (full / "metrics.jsonl").read_text().count("\n") == (cut / "metrics.jsonl").read_text().count("\n") == 6
+    last_full, last_cut = scores(full)[1][-1], scores(cut)[1][-1]
+    assert {k: v for k, v in last_full.items() if "per_second" not in k} == {
+        k: v for k, v in last_cut.items() if "per_second" not in k
+    }  # scores, KL, β (objective/kl_coef for PPO), losses: all replayed exactly
 
 
 def test_response_mask_stops_after_the_first_eos():
