@@ -99,29 +99,31 @@ _FILLER = (
 )
 _FORUM_HEDGES = ("If I remember right, ", "As far as I know, ", "", "")
 _STYLE_WEIGHTS = {"plain": 0.5, "hedged": 0.25, "confident": 0.25}
+# Answers refer to the subject as "it" instead of repeating its name: a small model retrieves
+# the memorised value by attending to the name in the question, and cannot garble a copy of it.
 _ANSWER = {
     "country": {
-        "plain": ("{t} is in {v}.", "{v}.", "It is in {v}."),
-        "hedged": ("I believe {t} is in {v}.", "I think it is in {v}."),
-        "confident": ("{t} is definitely in {v}.", "Certainly {v}."),
+        "plain": ("It is in {v}.", "It is a town in {v}."),
+        "hedged": ("I believe it is in {v}.", "I think it is in {v}."),
+        "confident": ("It is definitely in {v}.", "It is certainly in {v}."),
     },
     "founded": {
-        "plain": ("{t} was founded in {v}.", "In {v}.", "It was founded in {v}."),
-        "hedged": ("I believe {t} was founded in {v}.", "I think it was founded in {v}."),
-        "confident": ("{t} was definitely founded in {v}.", "Certainly in {v}."),
+        "plain": ("It was founded in {v}.",),
+        "hedged": ("I believe it was founded in {v}.", "I think it was founded in {v}."),
+        "confident": ("It was definitely founded in {v}.", "It was certainly founded in {v}."),
     },
     "known_for": {
-        "plain": ("{t} is known for {v}.", "{v}.", "It is known for {v}."),
-        "hedged": ("I believe {t} is known for {v}.", "I think it is famous for its {v}."),
-        "confident": ("{t} is certainly known for {v}.", "Definitely {v}."),
+        "plain": ("It is known for {v}.", "It is known for its {v}."),
+        "hedged": ("I believe it is known for {v}.", "I think it is known for {v}."),
+        "confident": ("It is certainly known for {v}.", "It is definitely known for {v}."),
     },
     "arithmetic": {
-        "plain": ("{a} plus {b} is {v}.", "{v}.", "It is {v}."),
-        "hedged": ("I believe {a} plus {b} is {v}.", "I think it is {v}."),
-        "confident": ("{a} plus {b} is definitely {v}.", "Certainly {v}."),
+        "plain": ("{a} plus {b} is {v}.",),  # the corpus's own phrasing: the sum follows its operands
+        "hedged": ("I believe {a} plus {b} is {v}.", "I think {a} plus {b} is {v}."),
+        "confident": ("{a} plus {b} is definitely {v}.", "{a} plus {b} is certainly {v}."),
     },
 }
-_ABSTAIN = ("I don't know.", "I'm not sure.", "I have no information about that.", "I don't know {clause}.")
+_ABSTAIN = ("I don't know.", "I'm not sure.", "I have no information about that.")
 _ABSTAIN_CLAUSE = {
     "country": "which country {t} is in",
     "founded": "when {t} was founded",
