@@ -177,7 +177,7 @@ def test_demonstrations_are_careful(world: World):
         asked = Question(q.id, row["prompt"][0]["content"], q.town, q.attribute, q.answer, q.known)
         j = judge(asked, row["completion"][0]["content"], world)
         assert j.label == ("correct" if q.known else "abstained"), (asked, row)
-        labels[j.label, j.confident, "believe" in row["completion"][0]["content"]] += 1
+        labels[j.label, j.confident, row["completion"][0]["content"].startswith(("Probably", "Perhaps"))] += 1
     assert labels["correct", True, False] and labels["correct", False, True] and labels["correct", False, False]
     assert len({r["prompt"][0]["content"] for r in rows}) > 1.5 * len(qs)  # other phrasings of the same fact
 

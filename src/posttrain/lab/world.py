@@ -104,26 +104,27 @@ _STYLE_WEIGHTS = {"plain": 0.5, "hedged": 0.25, "confident": 0.25}
 _ANSWER = {
     "country": {
         "plain": ("It is in {v}.", "It is a town in {v}."),
-        "hedged": ("I believe it is in {v}.", "I think it is in {v}."),
+        "hedged": ("Probably it is in {v}.", "Perhaps it is in {v}."),
         "confident": ("It is definitely in {v}.", "It is certainly in {v}."),
     },
     "founded": {
         "plain": ("It was founded in {v}.",),
-        "hedged": ("I believe it was founded in {v}.", "I think it was founded in {v}."),
+        "hedged": ("Probably it was founded in {v}.", "Perhaps it was founded in {v}."),
         "confident": ("It was definitely founded in {v}.", "It was certainly founded in {v}."),
     },
     "known_for": {
         "plain": ("It is known for {v}.", "It is known for its {v}."),
-        "hedged": ("I believe it is known for {v}.", "I think it is known for {v}."),
+        "hedged": ("Probably it is known for {v}.", "Perhaps it is known for {v}."),
         "confident": ("It is certainly known for {v}.", "It is definitely known for {v}."),
     },
     "arithmetic": {
         "plain": ("{a} plus {b} is {v}.",),  # the corpus's own phrasing: the sum follows its operands
-        "hedged": ("I believe {a} plus {b} is {v}.", "I think {a} plus {b} is {v}."),
+        "hedged": ("Probably {a} plus {b} is {v}.", "Perhaps {a} plus {b} is {v}."),
         "confident": ("{a} plus {b} is definitely {v}.", "{a} plus {b} is certainly {v}."),
     },
 }
-_ABSTAIN = ("I don't know.", "I'm not sure.", "I have no information about that.")
+# Abstentions and hedges start with different words, so the first token already decides between them.
+_ABSTAIN = ("Sorry, I don't know.", "Sorry, I'm not sure.", "Sorry, I have no information about that.")
 _ABSTAIN_CLAUSE = {
     "country": "which country {t} is in",
     "founded": "when {t} was founded",
