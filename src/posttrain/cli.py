@@ -56,6 +56,13 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.output), steps=args.max_steps)
 
 
+def _lab(args: argparse.Namespace) -> None:
+    from posttrain.lab.pipeline import LabConfig, run_lab
+
+    output = run_lab(LabConfig(args.output, args.preset, args.seed, args.annotators))
+    print(f"wrote {output / 'summary.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
@@ -77,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo", help="directory for the demo's files (default: runs/demo)")
     demo.add_argument("--max-steps", type=int, default=300, help="SFT steps (default: 300)")
     demo.set_defaults(handler=_demo)
+    lab = commands.add_parser(
+        "lab", parents=[debug], help="the lab: base -> SFT -> preferences -> reward model, measured"
+    )
+    lab.add_argument("--output", default="runs/lab", help="directory of the run (default: runs/lab)")
+    lab.add_argument("--preset", default="quick", help="quick or full (default: quick)")
+    lab.add_argument("--seed", type=int, default=0, help="seed of the world and every step (default: 0)")
+    lab.add_argument("--annotators", default="biased", help="annotator pool: biased or careful (default: biased)")
+    lab.set_defaults(handler=_lab)
     return parser
 
 

@@ -94,16 +94,17 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase, config) -> Rollout:
-    """Sample one response per prompt, batched, with the KV cache; stop at EOS or ``max_new_tokens``."""
+    """Sample one response per prompt, batched, with the KV cache; stop at EOS or ``max_new_tokens``.
+
+    ``config.temperature`` 0 decodes greedily (evaluation); the RL stages always sample.
+    """
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     ids, mask = ids.to(model.device), mask.to(model.device)
+    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}  # top-p alone
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        do_sample=True,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=0,  # top-p alone, as the reference implementations sample
+        **(sampling if config.temperature > 0 else {"do_sample": False}),
         max_new_tokens=config.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
