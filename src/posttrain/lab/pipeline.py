@@ -31,6 +31,8 @@ from posttrain.errors import UserError
 from posttrain.lab import annotators as ann
 from posttrain.lab import gold, world
 from posttrain.models.factory import build_llama, train_tokenizer
+from posttrain.stages.dpo import DPOConfig, run_dpo
+from posttrain.stages.ppo import PPOConfig, run_ppo
 from posttrain.stages.rm import RMConfig, run_rm
 from posttrain.stages.sft import SFTConfig, run_sft
 from posttrain.training.rollout import sample
@@ -49,11 +51,29 @@ class Preset:
     sft_learning_rate: float = 1e-3
     samples_per_prompt: int = 4
     rm_steps: int = 150
+    ppo_steps: int = 60
+    ppo_learning_rate: float = 3e-4
+    ppo_kl_coef: float = 0.02
+    dpo_steps: int = 60
+    dpo_learning_rate: float = 1e-4
 
 
 PRESETS = {
     "quick": Preset(),
-    "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=300),
+    # seconds, not minutes: checks that every step runs and chains, shows nothing (tests use it)
+    "smoke": Preset(
+        n_towns=8,
+        hidden_size=32,
+        num_layers=2,
+        vocab_size=400,
+        pretrain_steps=10,
+        sft_steps=5,
+        rm_steps=4,
+        ppo_steps=2,
+        dpo_steps=2,
+        samples_per_prompt=2,
+    ),
+    "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=300, ppo_steps=200),
 }
 STEP_FILE = "step.json"
 
@@ -71,6 +91,12 @@ class LabConfig:
         if self.annotators not in ann.PRESETS:
             raise UserError(f"--annotators {self.annotators}: unknown pool; valid pools: {', '.join(ann.PRESETS)}")
         return PRESETS[self.preset]
+
+
+def validated(config):
+    """A stage config checked as the CLI checks it (``validate`` also fills derived fields)."""
+    config.validate()
+    return config
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -114,16 +140,41 @@ def pretrain(out: Path, data: Path, preset: Preset, config: LabConfig) -> dict:
                 seed=config.seed).save_pretrained(init)  # fmt: skip
     tokenizer.save_pretrained(init)
     corpus = str(data / "corpus.jsonl")
-    run_sft(SFTConfig(model=str(init), data=corpus, output=str(out), max_steps=preset.pretrain_steps, batch_size=16,
-                      learning_rate=3e-3, lr_scheduler="cosine", warmup_ratio=0.05, max_length=128, packing=True,
-                      save_steps=0, logging_steps=50, seed=config.seed, overwrite=True))  # fmt: skip
+    stage = SFTConfig(
+        model=str(init),
+        data=corpus,
+        output=str(out),
+        max_steps=preset.pretrain_steps,
+        batch_size=16,
+        learning_rate=3e-3,
+        lr_scheduler="cosine",
+        warmup_ratio=0.05,
+        max_length=128,
+        packing=True,
+        save_steps=0,
+        logging_steps=50,
+        seed=config.seed,
+        overwrite=True,
+    )
+    run_sft(validated(stage))
     return {}
 
 
 def finetune(out: Path, base: Path, data: Path, preset: Preset, config: LabConfig) -> dict:
-    run_sft(SFTConfig(model=str(base), data=str(data / "sft.jsonl"), output=str(out), max_steps=preset.sft_steps,
-                      batch_size=16, learning_rate=preset.sft_learning_rate, lr_scheduler="cosine", save_steps=0,
-                      logging_steps=25, seed=config.seed, overwrite=True))  # fmt: skip
+    stage = SFTConfig(
+        model=str(base),
+        data=str(data / "sft.jsonl"),
+        output=str(out),
+        max_steps=preset.sft_steps,
+        batch_size=16,
+        learning_rate=preset.sft_learning_rate,
+        lr_scheduler="cosine",
+        save_steps=0,
+        logging_steps=25,
+        seed=config.seed,
+        overwrite=True,
+    )
+    run_sft(validated(stage))
     return {}
 
 
@@ -182,9 +233,80 @@ def preferences(out: Path, sft: Path, data: Path, preset: Preset, the_world: wor
 
 
 def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, config: LabConfig) -> dict:
-    run_rm(RMConfig(model=str(sft), data=str(prefs / "preferences.jsonl"), output=str(out), max_steps=preset.rm_steps,
-                    batch_size=16, learning_rate=1e-4, eval_split=0.1, save_steps=0, logging_steps=25,
-                    seed=config.seed, overwrite=True))  # fmt: skip
+    stage = RMConfig(
+        model=str(sft),
+        data=str(prefs / "preferences.jsonl"),
+        output=str(out),
+        max_steps=preset.rm_steps,
+        batch_size=16,
+        learning_rate=1e-4,
+        eval_split=0.1,
+        save_steps=0,
+        logging_steps=25,
+        seed=config.seed,
+        overwrite=True,
+    )
+    run_rm(validated(stage))
+    return {}
+
+
+def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, the_world: world.World, config: LabConfig) -> dict:
+    """PPO against the reward model; every rollout is written to samples.jsonl and scored by the gold judge."""
+    stage = PPOConfig(
+        model=str(sft),
+        prompts=str(data / "prompts.jsonl"),
+        reward=str(rm),
+        output=str(out),
+        max_steps=preset.ppo_steps,
+        rollout_prompts=16,
+        batch_size=16,
+        ppo_epochs=2,
+        max_new_tokens=24,
+        temperature=1.0,
+        learning_rate=preset.ppo_learning_rate,
+        kl_coef=preset.ppo_kl_coef,
+        sample_steps=1,
+        samples_per_log=16,
+        save_steps=0,
+        seed=config.seed,
+        overwrite=True,
+    )
+    run_ppo(validated(stage))
+    return {"trajectory": gold_trajectory(out, the_world, config)}
+
+
+def gold_trajectory(run: Path, the_world: world.World, config: LabConfig) -> list[dict[str, float]]:
+    """Per PPO iteration: the proxy score, the gold reward and hallucination rate of its rollouts, and the KL."""
+    by_text = {q.text: q for q in world.questions(the_world, config.seed)}
+    metrics = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    steps: dict[int, list[gold.Judgement]] = {}
+    for row in map(json.loads, (run / "samples.jsonl").read_text().splitlines()):
+        question = by_text[row["prompt"][0]["content"]]
+        steps.setdefault(row["step"], []).append(gold.judge(question, row["completion"], the_world))
+    return [
+        {"step": step, "proxy": metrics[step]["objective/scores"], "kl": metrics[step]["objective/kl"],
+         "gold": sum(gold.gold_reward(j) for j in judged) / len(judged),
+         "hallucination_rate": sum(j.label == "hallucinated" for j in judged) / len(judged)}
+        for step, judged in sorted(steps.items())
+    ]  # fmt: skip
+
+
+def dpo(out: Path, sft: Path, prefs: Path, preset: Preset, config: LabConfig) -> dict:
+    stage = DPOConfig(
+        model=str(sft),
+        data=str(prefs / "preferences.jsonl"),
+        output=str(out),
+        max_steps=preset.dpo_steps,
+        batch_size=16,
+        learning_rate=preset.dpo_learning_rate,
+        precompute_ref=True,
+        cache_dir=str(out.parent / "cache"),
+        save_steps=0,
+        logging_steps=10,
+        seed=config.seed,
+        overwrite=True,
+    )
+    run_dpo(validated(stage))
     return {}
 
 
@@ -233,7 +355,9 @@ def run_lab(config: LabConfig) -> Path:
     step("sft", out, lambda d: finetune(d, out / "base", out / "data", preset, config))
     step("preferences", out, lambda d: preferences(d, out / "sft", out / "data", preset, the_world, config))
     step("rm", out, lambda d: reward_model(d, out / "sft", out / "preferences", preset, config))
-    summary = step("evaluate", out, lambda d: evaluate(d, {"base": out / "base", "sft": out / "sft"}, out / "data",
-                                                        the_world, config))  # fmt: skip
+    step("ppo", out, lambda d: ppo(d, out / "sft", out / "rm", out / "data", preset, the_world, config))
+    step("dpo", out, lambda d: dpo(d, out / "sft", out / "preferences", preset, config))
+    models = {name: out / name for name in ("base", "sft", "ppo", "dpo")}
+    summary = step("evaluate", out, lambda d: evaluate(d, models, out / "data", the_world, config))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return out

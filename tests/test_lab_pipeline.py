@@ -1,0 +1,50 @@
+"""The lab pipeline chains every step through the stage functions; steps are skipped once done."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.lab.pipeline import STEP_FILE
+
+STEPS = ("data", "base", "sft", "preferences", "rm", "ppo", "dpo", "evaluate")
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
+    out = tmp_path / "lab"
+    assert main(["lab", "--output", str(out), "--preset", "smoke"]) == 0
+    for step in STEPS:
+        assert (out / step / STEP_FILE).is_file(), step
+    summary = json.loads((out / "summary.json").read_text())
+    keys = {
+        "gold_reward",
+        "accuracy_known",
+        "abstain_unknowable",
+        "hallucination_rate",
+        "format_compliance",
+        "mean_length",
+    }
+    assert set(summary["models"]) == {"base", "sft", "ppo", "dpo"}
+    assert all(keys <= set(m) for m in summary["models"].values())
+    preferences = [json.loads(line) for line in (out / "preferences" / "preferences.jsonl").read_text().splitlines()]
+    assert {"prompt", "chosen", "rejected", "annotator", "pair_id"} <= set(preferences[0])
+    trajectory = json.loads((out / "ppo" / STEP_FILE).read_text())["trajectory"]
+    assert [r["step"] for r in trajectory] == [1, 2] and {"proxy", "gold", "kl"} <= set(trajectory[0])
+    (out / "evaluate" / STEP_FILE).unlink()  # as if interrupted during evaluation
+    caplog.clear()
+    assert main(["lab", "--output", str(out), "--preset", "smoke"]) == 0
+    assert "lab: base already done" in caplog.text and "lab: evaluate done" in caplog.text
+
+
+def test_lab_bad_input(tmp_path, capsys):
+    assert main(["lab", "--output", str(tmp_path / "x"), "--preset", "huge"]) == 2
+    assert "--preset huge: unknown preset; valid presets: quick, smoke, full" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["lab", "--output", str(other)]) == 2
+    assert "holds something other than a lab run" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
