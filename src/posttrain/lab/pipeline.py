@@ -51,9 +51,9 @@ class Preset:
     sft_learning_rate: float = 1e-3
     samples_per_prompt: int = 4
     rm_steps: int = 150
-    ppo_steps: int = 60
-    ppo_learning_rate: float = 3e-4
-    ppo_kl_coef: float = 0.02
+    ppo_steps: int = 80
+    ppo_learning_rate: float = 5e-5
+    ppo_kl_coef: float = 0.05
     dpo_steps: int = 60
     dpo_learning_rate: float = 1e-4
 
@@ -347,8 +347,11 @@ def run_lab(config: LabConfig) -> Path:
     preset, out = config.resolved(), Path(config.output)
     if out.is_dir() and any(out.iterdir()) and not (out / "lab.json").is_file():
         raise UserError(f"--output {out}: holds something other than a lab run; choose an empty or new directory")
+    settings = asdict(config) | {"preset_values": asdict(preset)}
+    if (out / "lab.json").is_file() and json.loads((out / "lab.json").read_text()) != settings:
+        raise UserError(f"--output {out}: holds a lab run with other settings (see its lab.json); use a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lab.json").write_text(json.dumps(asdict(config) | {"preset_values": asdict(preset)}, indent=2))
+    (out / "lab.json").write_text(json.dumps(settings, indent=2))
     the_world = world.make_world(config.seed, n_towns=preset.n_towns)
     step("data", out, lambda d: make_data(d, the_world, config))
     step("base", out, lambda d: pretrain(d, out / "data", preset, config))
