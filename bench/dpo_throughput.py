@@ -12,16 +12,12 @@ its own ``posttrain dpo`` process; pairs per second are read from the run's metr
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from sft_throughput import smollm2, tiny_model
+from sft_throughput import run_measured, smollm2, tiny_model
 
 from posttrain.demo import write_jsonl
 
@@ -47,15 +43,9 @@ def run_dpo(model: Path, data: Path, output: Path, steps: int, extra: list[str])
     args = [sys.executable, "-m", "posttrain", "dpo", "--model", str(model), "--data", str(data)]
     args += ["--output", str(output), "--overwrite", "--max-steps", str(steps), "--save-steps", "0"]
     args += ["--logging-steps", str(max(steps // 4, 1)), *extra]
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    logged = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    logged, rss, wall = run_measured(args, output)
     steady = [r["samples_per_second"] for r in logged if "samples_per_second" in r][1:]
-    return {"pairs_per_second": sum(steady) / len(steady), "peak_rss_mib": usage.ru_maxrss / 1024, "wall": wall}
+    return {"pairs_per_second": sum(steady) / len(steady), "peak_rss_mib": rss, "wall": wall}
 
 
 def main() -> None:

@@ -13,14 +13,10 @@ times PPO epochs over the optimisation phase.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from sft_throughput import smollm2, tiny_model
+from sft_throughput import run_measured, smollm2, tiny_model
 
 from posttrain.demo import arithmetic_rows, write_jsonl
 
@@ -34,17 +30,13 @@ def run(command: str, model: Path, prompts: Path, rules: Path, output: Path, arg
            "--reward", f"{rules}:vowel_fraction", "--output", str(output), "--overwrite", "--save-steps", "0",
            "--max-steps", str(args.steps), "--max-new-tokens", str(args.new_tokens), "--batch-size", "8"]  # fmt: skip
     cli += ["--rollout-prompts", "16"] if command == "ppo" else ["--rollout-prompts", "4", "--num-generations", "4"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{' '.join(cli)} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()][1:]
+    records, rss, wall = run_measured(cli, output)
+    records = records[1:]  # the first iteration warms up
     return {
         "rollout": sum(r["rollout_tokens_per_second"] for r in records) / len(records),
         "optimise": sum(r["samples_per_second"] for r in records) / len(records),
-        "rss": usage.ru_maxrss / 1024,
-        "wall": time.perf_counter() - start,
+        "rss": rss,
+        "wall": wall,
     }
 
 

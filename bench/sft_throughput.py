@@ -25,24 +25,26 @@ from posttrain.models.factory import build_llama, train_tokenizer
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def run_sft(model: Path, data: Path, output: Path, steps: int, extra: list[str]) -> dict:
-    """One ``posttrain sft`` process; returns its steady tokens/s, step time and peak RSS."""
-    args = [sys.executable, "-m", "posttrain", "sft", "--model", str(model), "--data", str(data)]
-    args += ["--output", str(output), "--overwrite", "--max-steps", str(steps), "--save-steps", "0"]
-    args += ["--logging-steps", str(max(steps // 3, 1)), *extra]
+def run_measured(args: list[str], output: Path) -> tuple[list[dict], float, float]:
+    """Run one ``posttrain`` process; returns its logged metrics records, peak RSS (MiB) and wall seconds."""
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    logged = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return records, usage.ru_maxrss / 1024, wall
+
+
+def run_sft(model: Path, data: Path, output: Path, steps: int, extra: list[str]) -> dict:
+    """One ``posttrain sft`` process; returns its steady tokens/s, step time and peak RSS."""
+    args = [sys.executable, "-m", "posttrain", "sft", "--model", str(model), "--data", str(data)]
+    args += ["--output", str(output), "--overwrite", "--max-steps", str(steps), "--save-steps", "0"]
+    args += ["--logging-steps", str(max(steps // 3, 1)), *extra]
+    logged, rss, wall = run_measured(args, output)
     steady = [r["tokens_per_second"] for r in logged if "tokens_per_second" in r][1:]
-    return {
-        "tokens_per_second": sum(steady) / len(steady),
-        "peak_rss_mib": usage.ru_maxrss / 1024,
-        "wall_seconds": wall,
-    }
+    return {"tokens_per_second": sum(steady) / len(steady), "peak_rss_mib": rss, "wall_seconds": wall}
 
 
 def tiny_model(workdir: Path, texts: list[str]) -> Path:
