@@ -29,6 +29,9 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     }
     assert set(summary["models"]) == {"base", "sft", "ppo", "dpo"}
     assert all(keys <= set(m) for m in summary["models"].values())
+    assert {"agreement", "agreement_with_gold"} <= set(summary["annotators"])
+    assert {"accuracy_vs_labels", "accuracy_vs_gold"} <= set(summary["reward_model"])
+    assert summary["models"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)  # the same model
     preferences = [json.loads(line) for line in (out / "preferences" / "preferences.jsonl").read_text().splitlines()]
     assert {"prompt", "chosen", "rejected", "annotator", "pair_id"} <= set(preferences[0])
     trajectory = json.loads((out / "ppo" / STEP_FILE).read_text())["trajectory"]

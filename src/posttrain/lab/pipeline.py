@@ -20,22 +20,19 @@ import json
 import logging
 import random
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from posttrain.errors import UserError
 from posttrain.lab import annotators as ann
-from posttrain.lab import gold, world
+from posttrain.lab import evaluation, gold, world
 from posttrain.models.factory import build_llama, train_tokenizer
 from posttrain.stages.dpo import DPOConfig, run_dpo
 from posttrain.stages.ppo import PPOConfig, run_ppo
 from posttrain.stages.rm import RMConfig, run_rm
 from posttrain.stages.sft import SFTConfig, run_sft
-from posttrain.training.rollout import sample
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +73,7 @@ PRESETS = {
     "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=300, ppo_steps=200),
 }
 STEP_FILE = "step.json"
+STEPS = ("data", "base", "sft", "preferences", "rm", "ppo", "dpo", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -182,57 +180,44 @@ def load_questions(data: Path) -> list[world.Question]:
     return [world.Question(**json.loads(line)) for line in (data / "held_out.jsonl").read_text().splitlines()]
 
 
-@torch.no_grad()
-def answers(model_dir: Path, prompts: list[list[dict]], k: int, greedy: bool, seed: int) -> list[list[str]]:
-    """``k`` answers per prompt, batched with the KV cache (greedy, or sampled at temperature 1)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    torch.manual_seed(seed)
-    settings = SamplingSettings(temperature=0.0 if greedy else 1.0, top_p=1.0, max_new_tokens=24)
-    ids = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"] for p in prompts]  # fmt: skip
-    out: list[list[str]] = [[] for _ in prompts]
-    for start in range(0, len(ids), 32):
-        chunk = [i for i in ids[start : start + 32] for _ in range(k)]
-        rollout = sample(model, chunk, tokenizer, settings)
-        kept = [r[m.bool()] for r, m in zip(rollout.responses, rollout.response_mask, strict=True)]
-        texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
-        for j, text in enumerate(texts):
-            out[start + j // k].append(text)
-    return out
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-
-
-def preferences(out: Path, sft: Path, data: Path, preset: Preset, the_world: world.World, config: LabConfig) -> dict:
-    """Sample answers, pair them, let the annotator pool label the pairs (a quarter three times)."""
-    rows = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
-    by_id = {q.id: q for q in world.questions(the_world, config.seed)}
-    sampled = answers(sft, [r["prompt"] for r in rows], preset.samples_per_prompt, greedy=False, seed=config.seed)
-    rng, pairs = random.Random(config.seed), []
+def sample_pairs(rows, sampled, by_id, the_world, seed: int) -> list[ann.Pair]:
+    """Distinct sampled answers of each prompt, paired at random, with their gold judgements."""
+    rng, pairs = random.Random(seed), []
     for row, texts in zip(rows, sampled, strict=True):
         question = by_id[row["question_id"]]
         distinct = list(dict.fromkeys(texts))
         rng.shuffle(distinct)
         for a, b in zip(distinct[::2], distinct[1::2], strict=False):
-            ja, jb = gold.judge(question, a, the_world), gold.judge(question, b, the_world)
-            judged = [ann.Judged(j.label, j.confident, j.n_words) for j in (ja, jb)]
-            pairs.append((row["prompt"], a, judged[0], b, judged[1], question.id))
+            judged = [gold.judge(question, t, the_world) for t in (a, b)]
+            views = [ann.Judged(j.label, j.confident, j.n_words) for j in judged]
+            pairs.append((row["prompt"], a, views[0], b, views[1], question.id))
+    return pairs
+
+
+def preferences(out: Path, sft: Path, data: Path, preset: Preset, the_world: world.World, config: LabConfig) -> dict:
+    """Sample answers, pair them, let the annotator pool label the pairs (a quarter three times).
+
+    The pairs of a sixth of the prompts are kept apart (``preferences_eval.jsonl``) to measure the
+    reward model on labels it never saw.
+    """
+    rows = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
+    by_id = {q.id: q for q in world.questions(the_world, config.seed)}
+    sampled = evaluation.answers(sft, [r["prompt"] for r in rows], preset.samples_per_prompt, False, config.seed)
+    pairs = sample_pairs(rows, sampled, by_id, the_world, config.seed)
     labelled = ann.label_pairs(pairs, ann.pool(config.annotators, seed=config.seed), overlap=0.25, seed=config.seed)
-    golds = {i: ann.gold_preference(gold.gold_reward(gold.judge(by_id[p[5]], p[1], the_world)),
-                                    gold.gold_reward(gold.judge(by_id[p[5]], p[3], the_world)))
-             for i, p in enumerate(pairs)}  # fmt: skip
-    write_jsonl(out / "preferences.jsonl", labelled)
-    return {"pairs": len(pairs), "labels": len(labelled), "agreement": ann.agreement(labelled),
+    golds = {}  # pair id -> 0 or 1 (the response the truth prefers), None on a tie
+    for i, (_, a, _, b, _, fact) in enumerate(pairs):
+        preferred = gold.gold_preference(gold.judge(by_id[fact], a, the_world), gold.judge(by_id[fact], b, the_world))
+        golds[i] = None if preferred == -1 else preferred
+    held = {i for i, p in enumerate(pairs) if zlib.crc32(p[5].encode()) % 6 == 0}  # by question, stable
+    write_jsonl(out / "preferences.jsonl", [r for r in labelled if r["pair_id"] not in held])
+    write_jsonl(out / "preferences_eval.jsonl", [r for r in labelled if r["pair_id"] in held])
+    return {"preset": config.annotators, "pairs": len(pairs), "labels": len(labelled),
+            "agreement": ann.agreement(labelled),
             "agreement_with_gold": ann.gold_agreement(labelled, golds)}  # fmt: skip
 
 
-def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, config: LabConfig) -> dict:
+def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, the_world: world.World, config: LabConfig) -> dict:
     stage = RMConfig(
         model=str(sft),
         data=str(prefs / "preferences.jsonl"),
@@ -240,14 +225,16 @@ def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, config: LabC
         max_steps=preset.rm_steps,
         batch_size=16,
         learning_rate=1e-4,
-        eval_split=0.1,
+        eval_data=str(prefs / "preferences_eval.jsonl"),
         save_steps=0,
         logging_steps=25,
         seed=config.seed,
         overwrite=True,
     )
     run_rm(validated(stage))
-    return {}
+    held_out = [json.loads(line) for line in (prefs / "preferences_eval.jsonl").read_text().splitlines()]
+    questions = {q.text: q for q in world.questions(the_world, config.seed)}
+    return evaluation.reward_model_accuracy(out, held_out, questions, the_world)
 
 
 def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, the_world: world.World, config: LabConfig) -> dict:
@@ -310,38 +297,6 @@ def dpo(out: Path, sft: Path, prefs: Path, preset: Preset, config: LabConfig) ->
     return {}
 
 
-def evaluate(out: Path, models: dict[str, Path], data: Path, the_world: world.World, config: LabConfig) -> dict:
-    """Greedy answers of every model to the held-out questions, scored by the gold judge."""
-    held_out = load_questions(data)
-    prompts = [[{"role": "user", "content": q.text}] for q in held_out]
-    results, samples = {}, {}
-    for name, directory in models.items():
-        texts = [a[0] for a in answers(directory, prompts, 1, greedy=True, seed=config.seed)]
-        judged = [gold.judge(q, t, the_world) for q, t in zip(held_out, texts, strict=True)]
-        results[name] = model_metrics(held_out, judged)
-        rows = zip(held_out, texts, judged, strict=True)
-        samples[name] = [{"question": q.text, "answer": t, "label": j.label} for q, t, j in rows]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples.json").write_text(json.dumps(samples, indent=1))
-    return {"models": results}
-
-
-def model_metrics(questions: list[world.Question], judged: list[gold.Judgement]) -> dict[str, float]:
-    def share(label: str, known: bool | None) -> float:
-        chosen = [j for q, j in zip(questions, judged, strict=True) if known is None or q.known == known]
-        return sum(j.label == label for j in chosen) / max(len(chosen), 1)
-
-    return {
-        "gold_reward": sum(gold.gold_reward(j) for j in judged) / len(judged),
-        "accuracy_known": share("correct", True),
-        "abstain_unknowable": share("abstained", False),
-        "hallucination_rate": share("hallucinated", None),
-        "hallucination_unknowable": share("hallucinated", False),
-        "format_compliance": 1 - share("malformed", None),
-        "mean_length": sum(j.n_words for j in judged) / len(judged),
-    }
-
-
 def run_lab(config: LabConfig) -> Path:
     """Run (or resume) every step; returns OUTPUT."""
     preset, out = config.resolved(), Path(config.output)
@@ -357,10 +312,29 @@ def run_lab(config: LabConfig) -> Path:
     step("base", out, lambda d: pretrain(d, out / "data", preset, config))
     step("sft", out, lambda d: finetune(d, out / "base", out / "data", preset, config))
     step("preferences", out, lambda d: preferences(d, out / "sft", out / "data", preset, the_world, config))
-    step("rm", out, lambda d: reward_model(d, out / "sft", out / "preferences", preset, config))
+    step("rm", out, lambda d: reward_model(d, out / "sft", out / "preferences", preset, the_world, config))
     step("ppo", out, lambda d: ppo(d, out / "sft", out / "rm", out / "data", preset, the_world, config))
     step("dpo", out, lambda d: dpo(d, out / "sft", out / "preferences", preset, config))
     models = {name: out / name for name in ("base", "sft", "ppo", "dpo")}
-    summary = step("evaluate", out, lambda d: evaluate(d, models, out / "data", the_world, config))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    held_out = load_questions(out / "data")
+    step("evaluate", out, lambda d: evaluation.evaluate(d, models, held_out, the_world, config.seed))
+    write_summary(out, config)
     return out
+
+
+def write_summary(out: Path, config: LabConfig) -> None:
+    """summary.json: every number of the run under stable keys (the report reads it)."""
+
+    def record(name: str) -> dict:
+        return json.loads((out / name / STEP_FILE).read_text())
+
+    summary = {
+        "seed": config.seed,
+        "preset": config.preset,
+        "models": record("evaluate")["models"],
+        "annotators": record("preferences"),
+        "reward_model": record("rm"),
+        "ppo": {"trajectory": record("ppo")["trajectory"]},
+        "seconds": {name: record(name)["seconds"] for name in STEPS},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
