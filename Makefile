@@ -1,4 +1,4 @@
-# posttrain: `make demo` sets up and runs the main job; `make test` sets up and runs every test.
+# posttrain: `make demo` sets up and runs the lab (quick preset); `make test` sets up and runs every test.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,7 +20,7 @@ $(BIN)/posttrain: pyproject.toml
 setup: $(BIN)/posttrain
 
 demo: setup
-	$(OFFLINE) $(BIN)/posttrain demo --output runs/demo
+	$(OFFLINE) $(BIN)/posttrain lab --output runs/lab
 
 # pytest exits 5 when it collects no test: that is a failure too.
 test: setup

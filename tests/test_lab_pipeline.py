@@ -18,6 +18,7 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     assert main(["lab", "--output", str(out), "--preset", "smoke"]) == 0
     for step in STEPS:
         assert (out / step / STEP_FILE).is_file(), step
+    assert "<img" in (out / "report.html").read_text()
     summary = json.loads((out / "summary.json").read_text())
     keys = {
         "gold_reward",

@@ -60,7 +60,7 @@ def _lab(args: argparse.Namespace) -> None:
     from posttrain.lab.pipeline import LabConfig, run_lab
 
     output = run_lab(LabConfig(args.output, args.preset, args.seed, args.annotators))
-    print(f"wrote {output / 'summary.json'}")
+    print(f"wrote {output / 'report.html'} (numbers in {output / 'summary.json'})")
 
 
 def build_parser() -> argparse.ArgumentParser:

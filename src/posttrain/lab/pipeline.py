@@ -5,13 +5,16 @@
                document completer: the SFT stage on ``text`` rows is plain language modelling)
   sft          supervised fine-tuning on the careful demonstrations
   preferences  several sampled answers per training prompt from the SFT model, pairs labelled by
-               the simulated annotator pool (with annotator ids; a share labelled three times)
-  rm           a reward model on those labels
-  evaluate     every model so far answers the held-out questions; the gold judge scores them
+               the simulated annotator pool (with annotator ids; a share labelled three times;
+               the pairs of a sixth of the prompts kept apart to test the reward model)
+  rm           a reward model on those labels, scored against the held-out labels and the truth
+  ppo          PPO against the reward model; every rollout is also scored by the gold judge
+  dpo          DPO on the same labels
+  evaluate     every model answers the held-out questions; the gold judge scores them; KL to SFT
 
 Each step writes under ``OUTPUT/<step>/`` and marks itself done last (``step.json``), so a
-finished step is skipped and an interrupted run resumes at the step it stopped in. The PPO and
-DPO steps and the report are yet to come.
+finished step is skipped and an interrupted run resumes at the step it stopped in. Then
+``summary.json`` gathers the numbers and ``report.html`` shows them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 from posttrain.errors import UserError
 from posttrain.lab import annotators as ann
 from posttrain.lab import evaluation, gold, world
+from posttrain.lab.report import write_report
 from posttrain.models.factory import build_llama, train_tokenizer
 from posttrain.stages.dpo import DPOConfig, run_dpo
 from posttrain.stages.ppo import PPOConfig, run_ppo
@@ -319,6 +323,7 @@ def run_lab(config: LabConfig) -> Path:
     held_out = load_questions(out / "data")
     step("evaluate", out, lambda d: evaluation.evaluate(d, models, held_out, the_world, config.seed))
     write_summary(out, config)
+    write_report(out)
     return out
 
 
