@@ -169,10 +169,6 @@ def fact_value(town: Town, attribute: str) -> str:
     return str(getattr(town, attribute))
 
 
-def find_town(world: World, name: str) -> Town:
-    return next(t for t in world.towns if t.name == name)
-
-
 def operands(question: Question) -> tuple[int, int]:
     """The two numbers of a sum question, read from its text."""
     a, b = (int(x) for x in re.findall(r"\d+", question.text)[:2])
