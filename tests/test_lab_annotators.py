@@ -164,6 +164,19 @@ def test_overlap_rows_and_agreement():
     assert math.isnan(agreement(label_pairs(pairs, twins, overlap=0.0, seed=0)))
 
 
+def test_agreement_on_chosen_pairs():
+    a, b = [{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}]
+    rows = [
+        {"pair_id": 0, "chosen": a}, {"pair_id": 0, "chosen": a},  # agree
+        {"pair_id": 1, "chosen": a}, {"pair_id": 1, "chosen": b},  # disagree
+        {"pair_id": 2, "chosen": b},  # one label: no couple
+    ]  # fmt: skip
+    assert agreement(rows) == 0.5
+    assert agreement(rows, pair_ids={0, 2}) == 1.0
+    assert agreement(rows, pair_ids={1}) == 0.0
+    assert math.isnan(agreement(rows, pair_ids={2}))
+
+
 def test_gold_agreement_leaves_out_ties():
     rows = [
         {"pair_id": 0, "preferred": 0, "chosen": "a", "rejected": "b"},

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from posttrain.cli import main
-from posttrain.lab.pipeline import STEP_FILE
+from posttrain.lab.pipeline import STEP_FILE, Progress, clock
 
 STEPS = ("data", "base", "sft", "preferences", "rm", "ppo", "dpo", "evaluate")
 
@@ -41,6 +41,28 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     caplog.clear()
     assert main(["lab", "--output", str(out), "--preset", "smoke"]) == 0
     assert "lab: base already done" in caplog.text and "lab: evaluate done" in caplog.text
+    assert "lab: step 8/8 evaluate (about" in caplog.text
+
+    careful = tmp_path / "careful"  # the other pool, reusing the steps that do not depend on it
+    caplog.clear()
+    assert main(["lab", "--output", str(careful), "--preset", "smoke", "--annotators", "careful",
+                 "--reuse", str(out)]) == 0  # fmt: skip
+    assert "lab: base copied from" in caplog.text and "lab: step 3/8" not in caplog.text
+    assert (careful / "base" / "model.safetensors").read_bytes() == (out / "base" / "model.safetensors").read_bytes()
+    labels = json.loads((careful / "summary.json").read_text())["annotators"]
+    assert labels["preset"] == "careful" and labels["agreement_with_gold"] > 0
+    assert main(["lab", "--output", str(tmp_path / "seed1"), "--preset", "smoke", "--seed", "1",
+                 "--reuse", str(out)]) == 2  # fmt: skip
+
+
+def test_time_left_scales_by_the_speed_so_far():
+    progress = Progress({"a": 10, "b": 20, "c": 30}, prior=0.0)
+    assert progress.seconds_left(["a", "b", "c"]) == 60  # nothing ran yet: the expected times
+    progress.ran["a"] = 20.0  # this machine is twice as slow
+    assert progress.seconds_left(["b", "c"]) == 100
+    damped = Progress({"a": 10, "b": 20, "c": 30}, {"a": 20.0}, prior=30.0)
+    assert damped.seconds_left(["b", "c"]) == pytest.approx(50 * (20 + 30) / (10 + 30))
+    assert clock(65) == "1 min 05 s" and clock(42.4) == "42 s"
 
 
 def test_lab_bad_input(tmp_path, capsys):

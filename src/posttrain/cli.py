@@ -59,7 +59,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _lab(args: argparse.Namespace) -> None:
     from posttrain.lab.pipeline import LabConfig, run_lab
 
-    output = run_lab(LabConfig(args.output, args.preset, args.seed, args.annotators))
+    output = run_lab(LabConfig(args.output, args.preset, args.seed, args.annotators, args.reuse))
     print(f"wrote {output / 'report.html'} (numbers in {output / 'summary.json'})")
 
 
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--preset", default="quick", help="quick or full (default: quick)")
     lab.add_argument("--seed", type=int, default=0, help="seed of the world and every step (default: 0)")
     lab.add_argument("--annotators", default="biased", help="annotator pool: biased or careful (default: biased)")
+    lab.add_argument("--reuse", default="", metavar="DIR",
+                     help="copy the steps that do not depend on the annotators (data, base, sft) from the lab run "
+                     "in DIR (same preset and seed)")  # fmt: skip
     lab.set_defaults(handler=_lab)
     return parser
 

@@ -32,7 +32,7 @@ import hashlib
 import math
 import random
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from itertools import combinations
 from typing import Any
@@ -241,16 +241,20 @@ def label_pairs(
     return rows
 
 
-def agreement(rows: Sequence[Mapping[str, Any]]) -> float:
-    """Pairwise inter-annotator agreement: over every pair_id labelled more than once, the share
-    of the (label, label) couples on it that chose the same response. NaN if no pair_id has two labels.
+def agreement(rows: Sequence[Mapping[str, Any]], pair_ids: Collection[int] | None = None) -> float:
+    """Pairwise inter-annotator agreement: over every pair_id labelled more than once (and in
+    ``pair_ids`` when given), the share of the (label, label) couples on it that chose the same
+    response. NaN if no such pair_id has two labels.
 
     Pooled over couples (an overlapped pair with 3 labels gives 3 couples). Under pure coin flips it
     is 0.5; it measures how consistent, not how right, the workforce is (see ``gold_agreement``).
+    Pairs whose two answers are equally good settle by taste or a coin flip, so ``pair_ids`` lets a
+    caller measure agreement where there is something to agree on.
     """
     by_pair: dict[int, list[Any]] = defaultdict(list)
     for row in rows:
-        by_pair[row["pair_id"]].append(row["chosen"])
+        if pair_ids is None or row["pair_id"] in pair_ids:
+            by_pair[row["pair_id"]].append(row["chosen"])
     agree = total = 0
     for chosen in by_pair.values():
         for x, y in combinations(chosen, 2):

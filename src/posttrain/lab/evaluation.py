@@ -102,7 +102,8 @@ def reward_model_accuracy(rm_dir: Path, rows: list[dict], questions: dict[str, w
     """How often the reward model ranks a labelled pair as the annotator did, and as the truth does.
 
     rows: preference rows (conversational) of pairs the reward model never trained on.
-    Pairs the gold reward ties are left out of the gold accuracy.
+    Pairs the gold reward ties are left out of the gold accuracy; ``accuracy_vs_labels_untied``
+    scores the labels on those same pairs, so the two can be compared.
     """
     reward = model_reward(str(rm_dir), BATCH, torch.device("cpu"))
     prompts = [r["prompt"] for r in rows]
@@ -117,6 +118,7 @@ def reward_model_accuracy(rm_dir: Path, rows: list[dict], questions: dict[str, w
     scored = [(a, t) for a, t in zip(agrees, truth, strict=True) if t != -1]
     return {
         "accuracy_vs_labels": sum(agrees) / len(agrees),
+        "accuracy_vs_labels_untied": sum(a for a, _ in scored) / max(len(scored), 1),
         "accuracy_vs_gold": sum(a == (t == 0) for a, t in scored) / max(len(scored), 1),
         "pairs": len(rows),
     }

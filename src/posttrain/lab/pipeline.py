@@ -19,12 +19,14 @@ finished step is skipped and an interrupted run resumes at the step it stopped i
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
+import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +46,21 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Preset:
     n_towns: int = 40
+    unknowable_share: float = 0.4
+    n_arithmetic: int = 30
     vocab_size: int = 1000
     hidden_size: int = 128
     num_layers: int = 4
     pretrain_steps: int = 600
-    sft_steps: int = 150
+    sft_steps: int = 300
     sft_learning_rate: float = 1e-3
-    samples_per_prompt: int = 4
-    rm_steps: int = 150
+    samples_per_prompt: int = 8
+    pairs_per_prompt: int = 28
+    rm_steps: int = 96
     ppo_steps: int = 80
-    ppo_learning_rate: float = 5e-5
+    ppo_rollout_prompts: int = 32
+    ppo_temperature: float = 1.0
+    ppo_learning_rate: float = 1e-4
     ppo_kl_coef: float = 0.05
     dpo_steps: int = 60
     dpo_learning_rate: float = 1e-4
@@ -73,11 +80,25 @@ PRESETS = {
         ppo_steps=2,
         dpo_steps=2,
         samples_per_prompt=2,
+        pairs_per_prompt=1,
+        ppo_rollout_prompts=8,
     ),
     "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=300, ppo_steps=200),
 }
 STEP_FILE = "step.json"
 STEPS = ("data", "base", "sft", "preferences", "rm", "ppo", "dpo", "evaluate")
+SHARED_STEPS = ("data", "base", "sft")  # the same for every annotator pool, given the preset and seed
+
+
+@dataclass(frozen=True)
+class Lab:
+    """The world of a run and every question asked about it."""
+
+    world: world.World
+    questions: list[world.Question]
+
+    def by_text(self) -> dict[str, world.Question]:
+        return {q.text: q for q in self.questions}
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,7 @@ class LabConfig:
     preset: str = "quick"
     seed: int = 0
     annotators: str = "biased"  # "biased" or "careful" (see lab/annotators.py)
+    reuse: str = ""  # another lab run whose annotator-independent steps (SHARED_STEPS) are copied
 
     def resolved(self) -> Preset:
         if self.preset not in PRESETS:
@@ -107,30 +129,69 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def step(name: str, directory: Path, run) -> dict[str, Any]:
-    """Run one step unless ``directory/step.json`` says it finished; returns what the step recorded."""
+# Seconds each step took on 2 CPU cores (bench/lab_times.py); only the time-left estimate uses them.
+EXPECTED_SECONDS = {
+    "quick": {"data": 1, "base": 120, "sft": 23, "preferences": 2, "rm": 20, "ppo": 60, "dpo": 8, "evaluate": 5},
+    "smoke": dict.fromkeys(STEPS, 1),
+    "full": {"data": 1, "base": 400, "sft": 60, "preferences": 4, "rm": 15, "ppo": 200, "dpo": 15, "evaluate": 10},
+}
+
+
+@dataclass
+class Progress:
+    """What the lab has left to do, for the log line before each step."""
+
+    expected: dict[str, float]  # step -> seconds it usually takes
+    ran: dict[str, float] = field(default_factory=dict)  # step -> seconds it took in this process
+
+    prior: float = 30.0  # seconds of "as expected" mixed into the speed, so one short step cannot swing it
+
+    def seconds_left(self, remaining: list[str]) -> float:
+        """Expected seconds of ``remaining`` steps, times this machine's speed on the steps run so far:
+        (Σ actual + prior) / (Σ expected + prior), 1 before any step ran."""
+        done = sum(self.expected[name] for name in self.ran)
+        speed = (sum(self.ran.values()) + self.prior) / (done + self.prior)
+        return speed * sum(self.expected[name] for name in remaining)
+
+
+def clock(seconds: float) -> str:
+    """Seconds as "1 min 05 s" or "42 s"."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def step(name: str, directory: Path, run, progress: Progress) -> dict[str, Any]:
+    """Run one step unless ``directory/step.json`` says it finished; returns what the step recorded.
+
+    Logs "lab: step i/8 NAME (about T left)" first; the stage's own bar then shows its progress."""
     marker = directory / name / STEP_FILE
     if marker.is_file():
         log.info("lab: %s already done (%s)", name, marker.parent)
         return json.loads(marker.read_text())
+    remaining = [s for s in STEPS[STEPS.index(name) :] if not (directory / s / STEP_FILE).is_file()]
+    left = clock(progress.seconds_left(remaining))
+    log.info("lab: step %d/%d %s (about %s left for the whole lab)", STEPS.index(name) + 1, len(STEPS), name, left)
     start = time.perf_counter()
-    log.info("lab: %s ...", name)
     record = run(directory / name) or {}
     record["seconds"] = round(time.perf_counter() - start, 1)
+    progress.ran[name] = record["seconds"]
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(record, indent=2))
-    log.info("lab: %s done in %.0f s", name, record["seconds"])
+    log.info("lab: %s done in %s", name, clock(record["seconds"]))
     return record
 
 
-def make_data(out: Path, the_world: world.World, config: LabConfig) -> dict:
-    all_questions = world.questions(the_world, config.seed)
-    train, held_out = world.split_questions(all_questions, config.seed)
-    write_jsonl(out / "corpus.jsonl", [{"text": d} for d in world.pretraining_corpus(the_world, config.seed)])
-    write_jsonl(out / "sft.jsonl", world.demonstrations(the_world, train, config.seed))
+def make_data(out: Path, lab: Lab, config: LabConfig) -> dict:
+    """The questions, split: held-out ones for the evaluation; the rest are the prompts of the
+    preference pairs and of PPO, and half of them have SFT demonstrations (so on the other half
+    the SFT model is unsure, and its uncertain answers are what the annotators compare)."""
+    train, held_out = world.split_questions(lab.questions, config.seed)
+    sft, rl = world.split_questions(train, config.seed + 1, held_out=0.5)
+    write_jsonl(out / "corpus.jsonl", [{"text": d} for d in world.pretraining_corpus(lab.world, config.seed)])
+    write_jsonl(out / "sft.jsonl", world.demonstrations(lab.world, sft, config.seed))
     write_jsonl(out / "prompts.jsonl", world.prompt_rows(train))
     write_jsonl(out / "held_out.jsonl", [asdict(q) for q in held_out])
-    return {"train_questions": len(train), "held_out_questions": len(held_out)}
+    return {"sft_questions": len(sft), "rl_questions": len(rl), "held_out_questions": len(held_out)}
 
 
 def pretrain(out: Path, data: Path, preset: Preset, config: LabConfig) -> dict:
@@ -184,30 +245,30 @@ def load_questions(data: Path) -> list[world.Question]:
     return [world.Question(**json.loads(line)) for line in (data / "held_out.jsonl").read_text().splitlines()]
 
 
-def sample_pairs(rows, sampled, by_id, the_world, seed: int) -> list[ann.Pair]:
-    """Distinct sampled answers of each prompt, paired at random, with their gold judgements."""
+def sample_pairs(rows, sampled, by_id, the_world, per_prompt: int, seed: int) -> list[ann.Pair]:
+    """Up to ``per_prompt`` pairs of distinct sampled answers per prompt, drawn at random from all
+    couples (as InstructGPT compares every couple of a ranked set), with their gold judgements."""
     rng, pairs = random.Random(seed), []
     for row, texts in zip(rows, sampled, strict=True):
         question = by_id[row["question_id"]]
-        distinct = list(dict.fromkeys(texts))
-        rng.shuffle(distinct)
-        for a, b in zip(distinct[::2], distinct[1::2], strict=False):
+        couples = list(itertools.combinations(dict.fromkeys(texts), 2))
+        for a, b in rng.sample(couples, min(per_prompt, len(couples))):
             judged = [gold.judge(question, t, the_world) for t in (a, b)]
             views = [ann.Judged(j.label, j.confident, j.n_words) for j in judged]
             pairs.append((row["prompt"], a, views[0], b, views[1], question.id))
     return pairs
 
 
-def preferences(out: Path, sft: Path, data: Path, preset: Preset, the_world: world.World, config: LabConfig) -> dict:
+def preferences(out: Path, sft: Path, data: Path, preset: Preset, lab: Lab, config: LabConfig) -> dict:
     """Sample answers, pair them, let the annotator pool label the pairs (a quarter three times).
 
     The pairs of a sixth of the prompts are kept apart (``preferences_eval.jsonl``) to measure the
     reward model on labels it never saw.
     """
     rows = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
-    by_id = {q.id: q for q in world.questions(the_world, config.seed)}
+    the_world, by_id = lab.world, {q.id: q for q in lab.questions}
     sampled = evaluation.answers(sft, [r["prompt"] for r in rows], preset.samples_per_prompt, False, config.seed)
-    pairs = sample_pairs(rows, sampled, by_id, the_world, config.seed)
+    pairs = sample_pairs(rows, sampled, by_id, the_world, preset.pairs_per_prompt, config.seed)
     labelled = ann.label_pairs(pairs, ann.pool(config.annotators, seed=config.seed), overlap=0.25, seed=config.seed)
     golds = {}  # pair id -> 0 or 1 (the response the truth prefers), None on a tie
     for i, (_, a, _, b, _, fact) in enumerate(pairs):
@@ -218,16 +279,17 @@ def preferences(out: Path, sft: Path, data: Path, preset: Preset, the_world: wor
     write_jsonl(out / "preferences_eval.jsonl", [r for r in labelled if r["pair_id"] in held])
     return {"preset": config.annotators, "pairs": len(pairs), "labels": len(labelled),
             "agreement": ann.agreement(labelled),
+            "agreement_untied": ann.agreement(labelled, {i for i, g in golds.items() if g is not None}),
             "agreement_with_gold": ann.gold_agreement(labelled, golds)}  # fmt: skip
 
 
-def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, the_world: world.World, config: LabConfig) -> dict:
+def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, lab: Lab, config: LabConfig) -> dict:
     stage = RMConfig(
         model=str(sft),
         data=str(prefs / "preferences.jsonl"),
         output=str(out),
         max_steps=preset.rm_steps,
-        batch_size=16,
+        batch_size=8,  # prompts per batch, each with all its labelled pairs
         learning_rate=1e-4,
         eval_data=str(prefs / "preferences_eval.jsonl"),
         save_steps=0,
@@ -237,11 +299,10 @@ def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, the_world: w
     )
     run_rm(validated(stage))
     held_out = [json.loads(line) for line in (prefs / "preferences_eval.jsonl").read_text().splitlines()]
-    questions = {q.text: q for q in world.questions(the_world, config.seed)}
-    return evaluation.reward_model_accuracy(out, held_out, questions, the_world)
+    return evaluation.reward_model_accuracy(out, held_out, lab.by_text(), lab.world)
 
 
-def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, the_world: world.World, config: LabConfig) -> dict:
+def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, lab: Lab, config: LabConfig) -> dict:
     """PPO against the reward model; every rollout is written to samples.jsonl and scored by the gold judge."""
     stage = PPOConfig(
         model=str(sft),
@@ -249,26 +310,26 @@ def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, the_world: w
         reward=str(rm),
         output=str(out),
         max_steps=preset.ppo_steps,
-        rollout_prompts=16,
+        rollout_prompts=preset.ppo_rollout_prompts,
         batch_size=16,
         ppo_epochs=2,
         max_new_tokens=24,
-        temperature=1.0,
+        temperature=preset.ppo_temperature,
         learning_rate=preset.ppo_learning_rate,
         kl_coef=preset.ppo_kl_coef,
         sample_steps=1,
-        samples_per_log=16,
+        samples_per_log=preset.ppo_rollout_prompts,
         save_steps=0,
         seed=config.seed,
         overwrite=True,
     )
     run_ppo(validated(stage))
-    return {"trajectory": gold_trajectory(out, the_world, config)}
+    return {"trajectory": gold_trajectory(out, lab)}
 
 
-def gold_trajectory(run: Path, the_world: world.World, config: LabConfig) -> list[dict[str, float]]:
+def gold_trajectory(run: Path, lab: Lab) -> list[dict[str, float]]:
     """Per PPO iteration: the proxy score, the gold reward and hallucination rate of its rollouts, and the KL."""
-    by_text = {q.text: q for q in world.questions(the_world, config.seed)}
+    the_world, by_text = lab.world, lab.by_text()
     metrics = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     steps: dict[int, list[gold.Judgement]] = {}
     for row in map(json.loads, (run / "samples.jsonl").read_text().splitlines()):
@@ -301,27 +362,55 @@ def dpo(out: Path, sft: Path, prefs: Path, preset: Preset, config: LabConfig) ->
     return {}
 
 
+def lab_settings(config: LabConfig) -> dict[str, Any]:
+    """What makes a run what it is (lab.json): the preset, its values, the seed and the pool."""
+    keys = ("preset", "seed", "annotators")
+    return {key: getattr(config, key) for key in keys} | {"preset_values": asdict(config.resolved())}
+
+
+def reuse_shared_steps(source: Path, out: Path, settings: dict[str, Any]) -> None:
+    """Copy SHARED_STEPS that ``source`` finished and ``out`` lacks; ``source`` must be a lab run
+    with the same settings apart from the annotator pool."""
+    if not (source / "lab.json").is_file():
+        raise UserError(f"--reuse {source}: not a lab run (no lab.json)")
+    theirs = json.loads((source / "lab.json").read_text())
+    if {**theirs, "annotators": None} != {**settings, "annotators": None}:
+        raise UserError(f"--reuse {source}: a lab run with another preset or seed (see its lab.json)")
+    for name in SHARED_STEPS:
+        if (source / name / STEP_FILE).is_file() and not (out / name).exists():
+            shutil.copytree(source / name, out / name)
+            log.info("lab: %s copied from %s", name, source)
+
+
 def run_lab(config: LabConfig) -> Path:
     """Run (or resume) every step; returns OUTPUT."""
     preset, out = config.resolved(), Path(config.output)
     if out.is_dir() and any(out.iterdir()) and not (out / "lab.json").is_file():
         raise UserError(f"--output {out}: holds something other than a lab run; choose an empty or new directory")
-    settings = asdict(config) | {"preset_values": asdict(preset)}
+    settings = lab_settings(config)
     if (out / "lab.json").is_file() and json.loads((out / "lab.json").read_text()) != settings:
         raise UserError(f"--output {out}: holds a lab run with other settings (see its lab.json); use a new directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "lab.json").write_text(json.dumps(settings, indent=2))
-    the_world = world.make_world(config.seed, n_towns=preset.n_towns)
-    step("data", out, lambda d: make_data(d, the_world, config))
-    step("base", out, lambda d: pretrain(d, out / "data", preset, config))
-    step("sft", out, lambda d: finetune(d, out / "base", out / "data", preset, config))
-    step("preferences", out, lambda d: preferences(d, out / "sft", out / "data", preset, the_world, config))
-    step("rm", out, lambda d: reward_model(d, out / "sft", out / "preferences", preset, the_world, config))
-    step("ppo", out, lambda d: ppo(d, out / "sft", out / "rm", out / "data", preset, the_world, config))
-    step("dpo", out, lambda d: dpo(d, out / "sft", out / "preferences", preset, config))
+    if config.reuse:
+        reuse_shared_steps(Path(config.reuse), out, settings)
+    the_world = world.make_world(config.seed, n_towns=preset.n_towns, unknowable_share=preset.unknowable_share)
+    lab = Lab(the_world, world.questions(the_world, config.seed, n_arithmetic=preset.n_arithmetic))
+    progress = Progress(EXPECTED_SECONDS[config.preset])
+
+    def run_step(name: str, run) -> None:
+        step(name, out, run, progress)
+
+    run_step("data", lambda d: make_data(d, lab, config))
+    run_step("base", lambda d: pretrain(d, out / "data", preset, config))
+    run_step("sft", lambda d: finetune(d, out / "base", out / "data", preset, config))
+    run_step("preferences", lambda d: preferences(d, out / "sft", out / "data", preset, lab, config))
+    run_step("rm", lambda d: reward_model(d, out / "sft", out / "preferences", preset, lab, config))
+    run_step("ppo", lambda d: ppo(d, out / "sft", out / "rm", out / "data", preset, lab, config))
+    run_step("dpo", lambda d: dpo(d, out / "sft", out / "preferences", preset, config))
     models = {name: out / name for name in ("base", "sft", "ppo", "dpo")}
     held_out = load_questions(out / "data")
-    step("evaluate", out, lambda d: evaluation.evaluate(d, models, held_out, the_world, config.seed))
+    run_step("evaluate", lambda d: evaluation.evaluate(d, models, held_out, the_world, config.seed))
     write_summary(out, config)
     write_report(out)
     return out
