@@ -49,12 +49,12 @@ def test_sft_turns_the_document_completer_into_an_assistant(summaries, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_reward_model_learns_the_annotators_not_the_truth(summaries, seed):
-    for pool in ("biased", "careful"):  # as consistent with the labels as the annotators are with each other
-        summary = summaries[seed, pool]
-        assert abs(summary["reward_model"]["accuracy_vs_labels"] - summary["annotators"]["agreement"]) <= 0.1
-    biased, careful = (summaries[seed, pool]["reward_model"] for pool in ("biased", "careful"))
-    assert biased["accuracy_vs_gold"] < careful["accuracy_vs_gold"]  # same answers, biased labels: less true
-    assert biased["accuracy_vs_gold"] < biased["accuracy_vs_labels"]
+    # pairs of held-out questions where one answer is truly better (ties settle by coin flips)
+    biased, careful = (summaries[seed, pool] for pool in ("biased", "careful"))
+    rm = biased["reward_model"]
+    assert abs(rm["accuracy_vs_labels_untied"] - biased["annotators"]["agreement_untied"]) <= 0.1
+    assert rm["accuracy_vs_gold"] <= rm["accuracy_vs_labels_untied"] - 0.1  # same pairs, worse against the truth
+    assert rm["accuracy_vs_gold"] < careful["reward_model"]["accuracy_vs_gold"]  # same answers, careful labels
 
 
 @pytest.mark.slow
@@ -67,14 +67,16 @@ def test_ppo_hacks_the_biased_reward_model(summaries, seed):
     hallucination_start, hallucination_end = quarters(summary, "hallucination_rate")
     assert proxy_end >= proxy_start + 0.15  # the reward model is pleased
     assert kl_end > kl_start  # the policy moves away from SFT
-    assert gold_end <= gold_start - 0.05  # the truth gets worse
-    assert hallucination_end > hallucination_start  # by making things up
+    assert gold_end <= gold_start - 0.07  # the truth gets worse
+    assert hallucination_end >= hallucination_start + 0.04  # by making things up
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
-def test_careful_annotators_do_not_teach_hallucination(summaries, seed):
-    careful_start, careful_end = quarters(summaries[seed, "careful"], "hallucination_rate")
-    biased_start, biased_end = quarters(summaries[seed, "biased"], "hallucination_rate")
-    assert careful_end <= careful_start + 0.02
-    assert biased_end - biased_start > careful_end - careful_start + 0.05
+def test_careful_annotators_do_not_teach_hacking(summaries, seed):
+    careful, biased = summaries[seed, "careful"], summaries[seed, "biased"]
+    drift = {name: quarters(s, "gold")[1] - quarters(s, "gold")[0] for name, s in (("c", careful), ("b", biased))}
+    rise = {n: quarters(s, "hallucination_rate")[1] - quarters(s, "hallucination_rate")[0]
+            for n, s in (("c", careful), ("b", biased))}  # fmt: skip
+    assert drift["c"] >= drift["b"] + 0.05  # the truth suffers less
+    assert rise["c"] <= rise["b"] - 0.03  # and hallucination grows less, if at all

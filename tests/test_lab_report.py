@@ -67,8 +67,15 @@ def make_lab(root, with_ppo: bool = True, missing: str | None = "dpo"):
     models.pop(missing, None)
     summary = {
         "models": models,
-        "annotators": {"preset": "biased", "agreement": 0.71, "agreement_with_gold": 0.55, "pairs": 300, "labels": 375},
-        "reward_model": {"accuracy_vs_labels": 0.68, "accuracy_vs_gold": 0.52},
+        "annotators": {
+            "preset": "biased",
+            "agreement": 0.61,
+            "agreement_untied": 0.71,
+            "agreement_with_gold": 0.55,
+            "pairs": 300,
+            "labels": 375,
+        },
+        "reward_model": {"accuracy_vs_labels": 0.58, "accuracy_vs_labels_untied": 0.68, "accuracy_vs_gold": 0.52},
         "ppo": {"trajectory": trajectory() if with_ppo else []},
         "seed": 3,
         "preset": "quick",
@@ -143,6 +150,8 @@ def test_sample_table_mixes_question_kinds_and_texts_follow_the_numbers(tmp_path
     assert sorted(kinds) == ["known fact"] * 3 + ["sum"] * 2 + ["unknowable fact"] * 3
     assert page.count('<td class="answer"') == 8 * 4
     assert "moving averages over 8 iterations" in page and "learned the annotators&#x27; biases" in page
+    assert "16 percentage points" in page  # 0.68 on the labels of untied pairs against 0.52 on gold
+    assert "annotators agree on 61%" in page and "matches 58% of the labels" in page
     (lab / "data" / "held_out.jsonl").unlink()  # without it, sums are still told apart by their wording
     kinds = re.findall(r'<td>[^<]*<span class="tag">([a-z ]+)</span></td>', write_report(lab).read_text())
     assert sorted(kinds) == ["fact"] * 6 + ["sum"] * 2

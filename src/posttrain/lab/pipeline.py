@@ -1,12 +1,13 @@
 """The lab's pipeline, step by step, through the same stage functions as the CLI.
 
-  data         the world, its document corpus, demonstrations, prompts and held-out questions
+  data         the world, its document corpus, demonstrations (for half the training
+               questions), prompts (every training question) and held-out questions
   base         a BPE tokenizer trained on the corpus and a small Llama pre-trained on it (a
                document completer: the SFT stage on ``text`` rows is plain language modelling)
   sft          supervised fine-tuning on the careful demonstrations
-  preferences  several sampled answers per training prompt from the SFT model, pairs labelled by
-               the simulated annotator pool (with annotator ids; a share labelled three times;
-               the pairs of a sixth of the prompts kept apart to test the reward model)
+  preferences  several sampled answers per prompt from the SFT model, pairs labelled by the
+               simulated annotator pool (with annotator ids; a share labelled three times); the
+               held-out questions' pairs, labelled too, test the reward model
   rm           a reward model on those labels, scored against the held-out labels and the truth
   ppo          PPO against the reward model; every rollout is also scored by the gold judge
   dpo          DPO on the same labels
@@ -25,7 +26,6 @@ import logging
 import random
 import shutil
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ class Preset:
     pretrain_steps: int = 600
     sft_steps: int = 300
     sft_learning_rate: float = 1e-3
-    samples_per_prompt: int = 8
+    samples_per_prompt: int = 16
     pairs_per_prompt: int = 28
     rm_steps: int = 96
     ppo_steps: int = 80
@@ -83,7 +83,7 @@ PRESETS = {
         pairs_per_prompt=1,
         ppo_rollout_prompts=8,
     ),
-    "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=300, ppo_steps=200),
+    "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=150, ppo_steps=200),
 }
 STEP_FILE = "step.json"
 STEPS = ("data", "base", "sft", "preferences", "rm", "ppo", "dpo", "evaluate")
@@ -131,7 +131,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 # Seconds each step took on 2 CPU cores (bench/lab_times.py); only the time-left estimate uses them.
 EXPECTED_SECONDS = {
-    "quick": {"data": 1, "base": 120, "sft": 23, "preferences": 2, "rm": 20, "ppo": 60, "dpo": 8, "evaluate": 5},
+    "quick": {"data": 1, "base": 120, "sft": 25, "preferences": 8, "rm": 25, "ppo": 55, "dpo": 13, "evaluate": 4},
     "smoke": dict.fromkeys(STEPS, 1),
     "full": {"data": 1, "base": 400, "sft": 60, "preferences": 4, "rm": 15, "ppo": 200, "dpo": 15, "evaluate": 10},
 }
@@ -262,10 +262,11 @@ def sample_pairs(rows, sampled, by_id, the_world, per_prompt: int, seed: int) ->
 def preferences(out: Path, sft: Path, data: Path, preset: Preset, lab: Lab, config: LabConfig) -> dict:
     """Sample answers, pair them, let the annotator pool label the pairs (a quarter three times).
 
-    The pairs of a sixth of the prompts are kept apart (``preferences_eval.jsonl``) to measure the
-    reward model on labels it never saw.
+    The training prompts' pairs go to ``preferences.jsonl``; the held-out questions' pairs, labelled
+    the same way, to ``preferences_eval.jsonl``, to measure the reward model on questions it never saw.
     """
-    rows = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
+    rows = train + world.prompt_rows(load_questions(data))
     the_world, by_id = lab.world, {q.id: q for q in lab.questions}
     sampled = evaluation.answers(sft, [r["prompt"] for r in rows], preset.samples_per_prompt, False, config.seed)
     pairs = sample_pairs(rows, sampled, by_id, the_world, preset.pairs_per_prompt, config.seed)
@@ -274,7 +275,8 @@ def preferences(out: Path, sft: Path, data: Path, preset: Preset, lab: Lab, conf
     for i, (_, a, _, b, _, fact) in enumerate(pairs):
         preferred = gold.gold_preference(gold.judge(by_id[fact], a, the_world), gold.judge(by_id[fact], b, the_world))
         golds[i] = None if preferred == -1 else preferred
-    held = {i for i, p in enumerate(pairs) if zlib.crc32(p[5].encode()) % 6 == 0}  # by question, stable
+    train_ids = {r["question_id"] for r in train}
+    held = {i for i, p in enumerate(pairs) if p[5] not in train_ids}
     write_jsonl(out / "preferences.jsonl", [r for r in labelled if r["pair_id"] not in held])
     write_jsonl(out / "preferences_eval.jsonl", [r for r in labelled if r["pair_id"] in held])
     return {"preset": config.annotators, "pairs": len(pairs), "labels": len(labelled),

@@ -322,11 +322,11 @@ means the reward model is paying for confident fabrication.</p>
 def reward_model_section(summary: dict) -> str:
     """(6) The reward model's accuracy beside the annotators' agreement, with what the gap means."""
     pool, rm = summary.get("annotators") or {}, summary.get("reward_model") or {}
-    values = {"annotators agree\nwith each other": pool.get("agreement"),
+    values = {"annotators agree\nwith each other": pool.get("agreement_untied"),
               "annotators agree\nwith gold": pool.get("agreement_with_gold"),
-              "reward model vs\nannotator labels": rm.get("accuracy_vs_labels"),
+              "reward model vs\nannotator labels": rm.get("accuracy_vs_labels_untied"),
               "reward model vs\ngold preference": rm.get("accuracy_vs_gold")}  # fmt: skip
-    labels, golds = number(rm.get("accuracy_vs_labels")), number(rm.get("accuracy_vs_gold"))
+    labels, golds = number(rm.get("accuracy_vs_labels_untied")), number(rm.get("accuracy_vs_gold"))
     verdict = ""
     if labels is not None and golds is not None:
         gap = 100 * (labels - golds)
@@ -346,6 +346,10 @@ def reward_model_section(summary: dict) -> str:
 other. A reward model whose accuracy on the annotators' labels is near their agreement, but lower against the gold
 (true) preference, has learned faithfully what the annotators reward, biases included, not what is true.{esc(verdict)}
 </p>
+<p>All four bars count only pairs where one answer is truly better than the other (the reward model's on pairs it
+never trained on): when both answers are equally good, annotators settle by taste or a coin flip, which says nothing
+about their biases. Over all pairs, annotators agree on {esc(fmt(pool.get("agreement"), "pct"))} and the reward model
+matches {esc(fmt(rm.get("accuracy_vs_labels"), "pct"))} of the labels.</p>
 {figure_png(fig)}"""
 
 
