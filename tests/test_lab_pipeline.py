@@ -7,7 +7,7 @@ import json
 import pytest
 
 from posttrain.cli import main
-from posttrain.lab.pipeline import STEP_FILE, Progress, clock
+from posttrain.lab.steps import STEP_FILE, Progress, clock
 
 STEPS = ("data", "base", "sft", "preferences", "rm", "ppo", "dpo", "evaluate")
 

@@ -25,8 +25,7 @@ import json
 import logging
 import random
 import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from posttrain.errors import UserError
 from posttrain.lab import annotators as ann
 from posttrain.lab import evaluation, gold, world
 from posttrain.lab.report import write_report
+from posttrain.lab.steps import EXPECTED_SECONDS, STEP_FILE, STEPS, Progress, step
 from posttrain.models.factory import build_llama, train_tokenizer
 from posttrain.stages.dpo import DPOConfig, run_dpo
 from posttrain.stages.ppo import PPOConfig, run_ppo
@@ -85,8 +85,6 @@ PRESETS = {
     ),
     "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=150, ppo_steps=200),
 }
-STEP_FILE = "step.json"
-STEPS = ("data", "base", "sft", "preferences", "rm", "ppo", "dpo", "evaluate")
 SHARED_STEPS = ("data", "base", "sft")  # the same for every annotator pool, given the preset and seed
 
 
@@ -129,69 +127,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-# Seconds each step took on 2 CPU cores (bench/lab_times.py); only the time-left estimate uses them.
-EXPECTED_SECONDS = {
-    "quick": {"data": 1, "base": 120, "sft": 25, "preferences": 8, "rm": 25, "ppo": 55, "dpo": 13, "evaluate": 4},
-    "smoke": dict.fromkeys(STEPS, 1),
-    "full": {"data": 1, "base": 400, "sft": 60, "preferences": 4, "rm": 15, "ppo": 200, "dpo": 15, "evaluate": 10},
-}
-
-
-@dataclass
-class Progress:
-    """What the lab has left to do, for the log line before each step."""
-
-    expected: dict[str, float]  # step -> seconds it usually takes
-    ran: dict[str, float] = field(default_factory=dict)  # step -> seconds it took in this process
-
-    prior: float = 30.0  # seconds of "as expected" mixed into the speed, so one short step cannot swing it
-
-    def seconds_left(self, remaining: list[str]) -> float:
-        """Expected seconds of ``remaining`` steps, times this machine's speed on the steps run so far:
-        (Σ actual + prior) / (Σ expected + prior), 1 before any step ran."""
-        done = sum(self.expected[name] for name in self.ran)
-        speed = (sum(self.ran.values()) + self.prior) / (done + self.prior)
-        return speed * sum(self.expected[name] for name in remaining)
-
-
-def clock(seconds: float) -> str:
-    """Seconds as "1 min 05 s" or "42 s"."""
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
-
-
-def step(name: str, directory: Path, run, progress: Progress) -> dict[str, Any]:
-    """Run one step unless ``directory/step.json`` says it finished; returns what the step recorded.
-
-    Logs "lab: step i/8 NAME (about T left)" first; the stage's own bar then shows its progress."""
-    marker = directory / name / STEP_FILE
-    if marker.is_file():
-        log.info("lab: %s already done (%s)", name, marker.parent)
-        return json.loads(marker.read_text())
-    remaining = [s for s in STEPS[STEPS.index(name) :] if not (directory / s / STEP_FILE).is_file()]
-    left = clock(progress.seconds_left(remaining))
-    log.info("lab: step %d/%d %s (about %s left for the whole lab)", STEPS.index(name) + 1, len(STEPS), name, left)
-    start = time.perf_counter()
-    record = run(directory / name) or {}
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    progress.ran[name] = record["seconds"]
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(record, indent=2))
-    log.info("lab: %s done in %s", name, clock(record["seconds"]))
-    return record
-
-
 def make_data(out: Path, lab: Lab, config: LabConfig) -> dict:
     """The questions, split: held-out ones for the evaluation; the rest are the prompts of the
     preference pairs and of PPO, and half of them have SFT demonstrations (so on the other half
     the SFT model is unsure, and its uncertain answers are what the annotators compare)."""
     train, held_out = world.split_questions(lab.questions, config.seed)
-    sft, rl = world.split_questions(train, config.seed + 1, held_out=0.5)
+    sft, _ = world.split_questions(train, config.seed + 1, held_out=0.5)
     write_jsonl(out / "corpus.jsonl", [{"text": d} for d in world.pretraining_corpus(lab.world, config.seed)])
     write_jsonl(out / "sft.jsonl", world.demonstrations(lab.world, sft, config.seed))
     write_jsonl(out / "prompts.jsonl", world.prompt_rows(train))
     write_jsonl(out / "held_out.jsonl", [asdict(q) for q in held_out])
-    return {"sft_questions": len(sft), "rl_questions": len(rl), "held_out_questions": len(held_out)}
+    return {"sft_questions": len(sft), "prompt_questions": len(train), "held_out_questions": len(held_out)}
 
 
 def pretrain(out: Path, data: Path, preset: Preset, config: LabConfig) -> dict:
