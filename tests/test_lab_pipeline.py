@@ -49,8 +49,9 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
                  "--reuse", str(out)]) == 0  # fmt: skip
     assert "lab: base copied from" in caplog.text and "lab: step 3/8" not in caplog.text
     assert (careful / "base" / "model.safetensors").read_bytes() == (out / "base" / "model.safetensors").read_bytes()
-    labels = json.loads((careful / "summary.json").read_text())["annotators"]
-    assert labels["preset"] == "careful" and labels["agreement_with_gold"] > 0
+    assert json.loads((careful / "summary.json").read_text())["annotators"]["preset"] == "careful"
+    rows = (careful / "preferences" / "preferences.jsonl").read_text().splitlines()
+    assert rows and all(json.loads(row)["annotator"].startswith("careful-") for row in rows)
     assert main(["lab", "--output", str(tmp_path / "seed1"), "--preset", "smoke", "--seed", "1",
                  "--reuse", str(out)]) == 2  # fmt: skip
 

@@ -259,7 +259,7 @@ def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, lab: Lab, co
         output=str(out),
         max_steps=preset.ppo_steps,
         rollout_prompts=preset.ppo_rollout_prompts,
-        batch_size=16,
+        batch_size=min(16, preset.ppo_rollout_prompts),
         ppo_epochs=2,
         max_new_tokens=24,
         temperature=preset.ppo_temperature,

@@ -36,7 +36,7 @@ class Progress:
         """Expected seconds of ``remaining`` steps, times this machine's speed on the steps run so far:
         (Σ actual + prior) / (Σ expected + prior), 1 before any step ran."""
         done = sum(self.expected[name] for name in self.ran)
-        speed = (sum(self.ran.values()) + self.prior) / (done + self.prior)
+        speed = (sum(self.ran.values()) + self.prior) / (done + self.prior) if done + self.prior else 1.0
         return speed * sum(self.expected[name] for name in remaining)
 
 
