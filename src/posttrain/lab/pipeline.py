@@ -218,8 +218,9 @@ def preferences(out: Path, sft: Path, data: Path, preset: Preset, lab: Lab, conf
     pairs = sample_pairs(rows, sampled, by_id, the_world, preset.pairs_per_prompt, config.seed)
     labelled = ann.label_pairs(pairs, ann.pool(config.annotators, seed=config.seed), overlap=0.25, seed=config.seed)
     golds = {}  # pair id -> 0 or 1 (the response the truth prefers), None on a tie
-    for i, (_, a, _, b, _, fact) in enumerate(pairs):
-        preferred = gold.gold_preference(gold.judge(by_id[fact], a, the_world), gold.judge(by_id[fact], b, the_world))
+    for i, (_, _, view_a, _, view_b, _) in enumerate(pairs):  # the views carry what the gold reward reads
+        judged = [gold.Judgement(v.label, v.confident, v.n_words) for v in (view_a, view_b)]
+        preferred = gold.gold_preference(*judged)
         golds[i] = None if preferred == -1 else preferred
     train_ids = {r["question_id"] for r in train}
     held = {i for i, p in enumerate(pairs) if p[5] not in train_ids}
