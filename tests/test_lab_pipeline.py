@@ -36,7 +36,9 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     preferences = [json.loads(line) for line in (out / "preferences" / "preferences.jsonl").read_text().splitlines()]
     assert {"prompt", "chosen", "rejected", "annotator", "pair_id"} <= set(preferences[0])
     trajectory = json.loads((out / "ppo" / STEP_FILE).read_text())["trajectory"]
-    assert [r["step"] for r in trajectory] == [1, 2] and {"proxy", "gold", "kl"} <= set(trajectory[0])
+    assert [r["step"] for r in trajectory] == [1, 2]
+    assert {"proxy", "gold", "kl", "hallucination_unknowable", "abstain_known"} <= set(trajectory[0])
+    assert {"start", "peak", "peak_step", "end"} == set(summary["ppo"]["gold_arc"])
     (out / "evaluate" / STEP_FILE).unlink()  # as if interrupted during evaluation
     caplog.clear()
     assert main(["lab", "--output", str(out), "--preset", "smoke"]) == 0

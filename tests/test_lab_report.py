@@ -49,7 +49,9 @@ def trajectory(n: int = 40) -> list[dict]:
         kl = 0.0006 * step**2
         rows.append({"step": step, "kl": kl, "proxy": 0.2 + 1.2 * math.sqrt(kl) + rng.gauss(0, 0.08),
                      "gold": 0.3 + 1.5 * math.sqrt(kl) - 2 * kl + rng.gauss(0, 0.08),
-                     "hallucination_rate": min(1.0, 0.1 + 0.015 * step + rng.gauss(0, 0.04))})  # fmt: skip
+                     "hallucination_rate": min(1.0, 0.1 + 0.015 * step + rng.gauss(0, 0.04)),
+                     "abstain_known": max(0.0, 0.3 - 0.02 * step), "hallucination_unknowable": min(1.0, 0.02 * step),
+                     })  # fmt: skip
     return rows
 
 
@@ -76,7 +78,9 @@ def make_lab(root, with_ppo: bool = True, missing: str | None = "dpo"):
             "labels": 375,
         },
         "reward_model": {"accuracy_vs_labels": 0.58, "accuracy_vs_labels_untied": 0.68, "accuracy_vs_gold": 0.52},
-        "ppo": {"trajectory": trajectory() if with_ppo else []},
+        "ppo": {"trajectory": trajectory(), "gold_arc": {"start": 0.31, "peak": 0.52, "peak_step": 9, "end": -0.4}}
+        if with_ppo
+        else {},
         "seed": 3,
         "preset": "quick",
     }
@@ -149,6 +153,7 @@ def test_sample_table_mixes_question_kinds_and_texts_follow_the_numbers(tmp_path
     kinds = re.findall(r'<td>[^<]*<span class="tag">([a-z ]+)</span></td>', page)
     assert sorted(kinds) == ["known fact"] * 3 + ["sum"] * 2 + ["unknowable fact"] * 3
     assert page.count('<td class="answer"') == 8 * 4
+    assert "went from +0.31 to a peak of +0.52 (from iteration 9) and ended at -0.40" in page
     assert "moving averages over 8 iterations" in page and "learned the annotators&#x27; biases" in page
     assert "16 percentage points" in page  # 0.68 on the labels of untied pairs against 0.52 on gold
     assert "annotators agree on 61%" in page and "matches 58% of the labels" in page

@@ -74,6 +74,19 @@ def test_world_sizes_and_names(world: World):
         make_world(seed=3, unknowable_share=0.9)
 
 
+def test_unseen_towns_are_in_no_document():
+    w = make_world(seed=5, n_towns=20, unknowable_share=0.15, unseen_share=0.25)
+    unseen = [t for t in w.towns if len(t.unknowable) == len(ATTRIBUTES)]
+    seen = [t for t in w.towns if len(t.unknowable) < len(ATTRIBUTES)]
+    assert len(unseen) == 5  # a quarter of the towns
+    assert sum(len(t.unknowable) for t in seen) == round(0.15 * 3 * len(seen))
+    corpus = pretraining_corpus(w, seed=5)
+    named = {t.name for doc in corpus for t in towns_in(w, doc)}
+    assert named == {t.name for t in seen}
+    with pytest.raises(ValueError, match="unseen_share"):
+        make_world(seed=5, unseen_share=1.0)
+
+
 def test_questions_cover_every_fact(world: World):
     qs = questions(world, seed=3, n_arithmetic=25)
     facts = [q for q in qs if q.town is not None]
@@ -180,6 +193,20 @@ def test_demonstrations_are_careful(world: World):
         labels[j.label, j.confident, row["completion"][0]["content"].startswith(("Probably", "Perhaps"))] += 1
     assert labels["correct", True, False] and labels["correct", False, True] and labels["correct", False, False]
     assert len({r["prompt"][0]["content"] for r in rows}) > 1.5 * len(qs)  # other phrasings of the same fact
+
+
+def test_unsure_writers_make_a_shy_assistant(world: World):
+    qs = questions(world, seed=3)
+    rows = demonstrations(world, qs, seed=3, per_question=2, unsure=0.5)
+    extra = len(rows) - 2 * len(qs)
+    known = [q for q in qs if q.known]
+    assert 0.35 * len(known) < extra < 0.65 * len(known)  # about half the known facts get one more row
+    for q in known:
+        mine = [r for r in rows if r["question_id"] == q.id]
+        own = [r["completion"][0]["content"] for r in mine if r["prompt"][0]["content"] == q.text]
+        labels = [judge(q, text, world).label for text in own]
+        assert labels[0] == "correct" and labels[1:] in ([], ["abstained"])  # the answer is always demonstrated
+    assert all(len([r for r in rows if r["question_id"] == q.id]) == 2 for q in qs if not q.known)
 
 
 def test_prompt_rows():

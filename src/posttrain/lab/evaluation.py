@@ -82,6 +82,37 @@ def model_metrics(questions: list[world.Question], judged: list[gold.Judgement])
     }
 
 
+def rollout_metrics(judged: list[tuple[world.Question, gold.Judgement]]) -> dict[str, float]:
+    """One PPO iteration's rollouts, judged: gold reward, hallucination rate (all; unknowable
+    questions) and abstention on known questions (None where the iteration asked none of that kind)."""
+
+    def share(label: str, known: bool | None) -> float | None:
+        chosen = [j for q, j in judged if known is None or q.known == known]
+        return sum(j.label == label for j in chosen) / len(chosen) if chosen else None
+
+    return {
+        "gold": sum(gold.gold_reward(j) for _, j in judged) / len(judged),
+        "hallucination_rate": share("hallucinated", None),
+        "hallucination_unknowable": share("hallucinated", False),
+        "abstain_known": share("abstained", True),
+    }
+
+
+def arc(values: list[float], window: int) -> dict[str, float]:
+    """The shape of a noisy curve: ``start`` and ``end`` are the means of its first and last
+    ``window`` values, ``peak`` the highest mean of ``window`` consecutive values and
+    ``peak_index`` where that run begins. Rise then fall: peak above both start and end.
+
+    >>> arc([0, 1, 3, 3, 1, 0], 2)
+    {'start': 0.5, 'peak': 3.0, 'peak_index': 2, 'end': 0.5}
+    """
+    if not 1 <= window <= len(values):
+        raise ValueError(f"window must lie in [1, {len(values)}], got {window}")
+    means = [sum(values[i : i + window]) / window for i in range(len(values) - window + 1)]
+    peak = max(range(len(means)), key=means.__getitem__)
+    return {"start": means[0], "peak": means[peak], "peak_index": peak, "end": means[-1]}
+
+
 def evaluate(out: Path, models: dict[str, Path], questions: list[world.Question], the_world, seed: int) -> dict:
     """Greedy answers of every model to the held-out questions, scored by the gold judge; KL to SFT."""
     prompts = [[{"role": "user", "content": q.text}] for q in questions]

@@ -1,7 +1,7 @@
 """The lab's pipeline, step by step, through the same stage functions as the CLI.
 
-  data         the world, its document corpus, demonstrations (for half the training
-               questions), prompts (every training question) and held-out questions
+  data         the world, its document corpus, careful demonstrations for the training
+               questions (shy ones: see world.demonstrations), prompts and held-out questions
   base         a BPE tokenizer trained on the corpus and a small Llama pre-trained on it (a
                document completer: the SFT stage on ``text`` rows is plain language modelling)
   sft          supervised fine-tuning on the careful demonstrations
@@ -46,8 +46,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Preset:
     n_towns: int = 40
-    unknowable_share: float = 0.4
+    unknowable_share: float = 0.15  # of the facts about towns in the corpus
+    unseen_share: float = 0.25  # of the towns, in no document at all
     n_arithmetic: int = 30
+    demonstrated_share: float = 1.0  # of the training questions, those with SFT demonstrations
+    unsure_share: float = 0.8  # of known facts, also given to a writer who abstained (world.demonstrations)
     vocab_size: int = 1000
     hidden_size: int = 128
     num_layers: int = 4
@@ -56,11 +59,12 @@ class Preset:
     sft_learning_rate: float = 1e-3
     samples_per_prompt: int = 16
     pairs_per_prompt: int = 28
-    rm_steps: int = 96
+    rm_steps: int = 150
+    rm_learning_rate: float = 3e-4
     ppo_steps: int = 80
     ppo_rollout_prompts: int = 32
-    ppo_temperature: float = 1.0
-    ppo_learning_rate: float = 1e-4
+    ppo_temperature: float = 0.7
+    ppo_learning_rate: float = 2.5e-5
     ppo_kl_coef: float = 0.05
     dpo_steps: int = 60
     dpo_learning_rate: float = 1e-4
@@ -83,7 +87,7 @@ PRESETS = {
         pairs_per_prompt=1,
         ppo_rollout_prompts=8,
     ),
-    "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=150, ppo_steps=200),
+    "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=250, ppo_steps=200),
 }
 SHARED_STEPS = ("data", "base", "sft")  # the same for every annotator pool, given the preset and seed
 
@@ -97,6 +101,11 @@ class Lab:
 
     def by_text(self) -> dict[str, world.Question]:
         return {q.text: q for q in self.questions}
+
+
+def make_lab(preset: Preset, seed: int) -> Lab:
+    the_world = world.make_world(seed, preset.n_towns, preset.unknowable_share, preset.unseen_share)
+    return Lab(the_world, world.questions(the_world, seed, n_arithmetic=preset.n_arithmetic))
 
 
 @dataclass(frozen=True)
@@ -127,14 +136,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_data(out: Path, lab: Lab, config: LabConfig) -> dict:
+def make_data(out: Path, lab: Lab, preset: Preset, config: LabConfig) -> dict:
     """The questions, split: held-out ones for the evaluation; the rest are the prompts of the
-    preference pairs and of PPO, and half of them have SFT demonstrations (so on the other half
-    the SFT model is unsure, and its uncertain answers are what the annotators compare)."""
+    preference pairs and of PPO, and ``demonstrated_share`` of them have SFT demonstrations
+    (the others are questions the SFT model has never been shown an answer to)."""
     train, held_out = world.split_questions(lab.questions, config.seed)
-    sft, _ = world.split_questions(train, config.seed + 1, held_out=0.5)
+    sft, _ = world.split_questions(train, config.seed + 1, held_out=1 - preset.demonstrated_share)
     write_jsonl(out / "corpus.jsonl", [{"text": d} for d in world.pretraining_corpus(lab.world, config.seed)])
-    write_jsonl(out / "sft.jsonl", world.demonstrations(lab.world, sft, config.seed))
+    write_jsonl(out / "sft.jsonl", world.demonstrations(lab.world, sft, config.seed, unsure=preset.unsure_share))
     write_jsonl(out / "prompts.jsonl", world.prompt_rows(train))
     write_jsonl(out / "held_out.jsonl", [asdict(q) for q in held_out])
     return {"sft_questions": len(sft), "prompt_questions": len(train), "held_out_questions": len(held_out)}
@@ -197,7 +206,8 @@ def sample_pairs(rows, sampled, by_id, the_world, per_prompt: int, seed: int) ->
     rng, pairs = random.Random(seed), []
     for row, texts in zip(rows, sampled, strict=True):
         question = by_id[row["question_id"]]
-        couples = list(itertools.combinations(dict.fromkeys(texts), 2))
+        distinct = dict.fromkeys(t for t in texts if t.strip())  # an empty answer is no row of a preference file
+        couples = list(itertools.combinations(distinct, 2))
         for a, b in rng.sample(couples, min(per_prompt, len(couples))):
             judged = [gold.judge(question, t, the_world) for t in (a, b)]
             views = [ann.Judged(j.label, j.confident, j.n_words) for j in judged]
@@ -239,7 +249,7 @@ def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, lab: Lab, co
         output=str(out),
         max_steps=preset.rm_steps,
         batch_size=8,  # prompts per batch, each with all its labelled pairs
-        learning_rate=1e-4,
+        learning_rate=preset.rm_learning_rate,
         eval_data=str(prefs / "preferences_eval.jsonl"),
         save_steps=0,
         logging_steps=25,
@@ -277,19 +287,19 @@ def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, lab: Lab, co
 
 
 def gold_trajectory(run: Path, lab: Lab) -> list[dict[str, float]]:
-    """Per PPO iteration: the proxy score, the gold reward and hallucination rate of its rollouts, and the KL."""
-    the_world, by_text = lab.world, lab.by_text()
+    """Per PPO iteration: the proxy score and KL, and, from the gold judge of its rollouts, the gold
+    reward, the hallucination rate (all answers; unknowable questions) and abstention on known questions."""
+    by_text = lab.by_text()
     metrics = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    steps: dict[int, list[gold.Judgement]] = {}
+    steps: dict[int, list[tuple[world.Question, gold.Judgement]]] = {}
     for row in map(json.loads, (run / "samples.jsonl").read_text().splitlines()):
         question = by_text[row["prompt"][0]["content"]]
-        steps.setdefault(row["step"], []).append(gold.judge(question, row["completion"], the_world))
+        steps.setdefault(row["step"], []).append((question, gold.judge(question, row["completion"], lab.world)))
     return [
-        {"step": step, "proxy": metrics[step]["objective/scores"], "kl": metrics[step]["objective/kl"],
-         "gold": sum(gold.gold_reward(j) for j in judged) / len(judged),
-         "hallucination_rate": sum(j.label == "hallucinated" for j in judged) / len(judged)}
+        {"step": step, "proxy": metrics[step]["objective/scores"], "kl": metrics[step]["objective/kl"]}
+        | evaluation.rollout_metrics(judged)
         for step, judged in sorted(steps.items())
-    ]  # fmt: skip
+    ]
 
 
 def dpo(out: Path, sft: Path, prefs: Path, preset: Preset, config: LabConfig) -> dict:
@@ -343,14 +353,14 @@ def run_lab(config: LabConfig) -> Path:
     (out / "lab.json").write_text(json.dumps(settings, indent=2))
     if config.reuse:
         reuse_shared_steps(Path(config.reuse), out, settings)
-    the_world = world.make_world(config.seed, n_towns=preset.n_towns, unknowable_share=preset.unknowable_share)
-    lab = Lab(the_world, world.questions(the_world, config.seed, n_arithmetic=preset.n_arithmetic))
+    lab = make_lab(preset, config.seed)
+    the_world = lab.world
     progress = Progress(EXPECTED_SECONDS[config.preset])
 
     def run_step(name: str, run) -> None:
         step(name, out, run, progress)
 
-    run_step("data", lambda d: make_data(d, lab, config))
+    run_step("data", lambda d: make_data(d, lab, preset, config))
     run_step("base", lambda d: pretrain(d, out / "data", preset, config))
     run_step("sft", lambda d: finetune(d, out / "base", out / "data", preset, config))
     run_step("preferences", lambda d: preferences(d, out / "sft", out / "data", preset, lab, config))
@@ -365,19 +375,27 @@ def run_lab(config: LabConfig) -> Path:
     return out
 
 
+def gold_arc(trajectory: list[dict]) -> dict[str, float]:
+    """The rollouts' gold reward over PPO, averaged over an eighth of the iterations at a time:
+    its start, peak (and the iteration where the peak's window starts) and end."""
+    shape = evaluation.arc([row["gold"] for row in trajectory], max(1, len(trajectory) // 8))
+    return shape | {"peak_step": trajectory[shape.pop("peak_index")]["step"]}
+
+
 def write_summary(out: Path, config: LabConfig) -> None:
     """summary.json: every number of the run under stable keys (the report reads it)."""
 
     def record(name: str) -> dict:
         return json.loads((out / name / STEP_FILE).read_text())
 
+    trajectory = record("ppo")["trajectory"]
     summary = {
         "seed": config.seed,
         "preset": config.preset,
         "models": record("evaluate")["models"],
         "annotators": record("preferences"),
         "reward_model": record("rm"),
-        "ppo": {"trajectory": record("ppo")["trajectory"]},
+        "ppo": {"trajectory": trajectory, "gold_arc": gold_arc(trajectory)},
         "seconds": {name: record(name)["seconds"] for name in STEPS},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

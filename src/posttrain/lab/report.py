@@ -234,43 +234,57 @@ def trajectory_rows(summary: dict) -> list[dict]:
     return sorted(rows, key=lambda r: number(r.get("step")) or 0)
 
 
+def smoothed_series(rows: list[dict], key: str, x_key: str = "step") -> tuple[list, list, list] | None:
+    """(x, y, moving average of y), sorted by x, over the rows where both are numbers; None if none are.
+    Sorting by x makes the average a curve along the x axis (KL is noisy from one iteration to the next)."""
+    points = sorted((number(r.get(x_key)), number(r.get(key))) for r in rows)
+    points = [(x, y) for x, y in points if x is not None and y is not None]
+    if not points:
+        return None
+    xs, ys = (list(v) for v in zip(*points, strict=True))
+    return xs, ys, moving_average(ys, smoothing(len(ys)))
+
+
 def hacking_section(summary: dict) -> str:
-    """(4) Proxy and gold reward against sqrt(KL) during PPO (Gao et al. 2022): raw points faint, averages bold."""
+    """(4) Proxy and gold reward per PPO iteration, and against sqrt(KL) (Gao et al. 2022)."""
     rows = trajectory_rows(summary)
     head = "<h2>4. Reward hacking during PPO</h2>"
     if not rows:
         return head + '<p class="note">No PPO trajectory in summary.json (the run stopped before PPO).</p>'
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    right = ax.twinx()
-    x = [math.sqrt(max(number(r["kl"]) or 0.0, 0.0)) for r in rows]
+    rows = [dict(r, sqrt_kl=math.sqrt(max(number(r["kl"]) or 0.0, 0.0))) for r in rows]
+    fig = Figure(figsize=(10, 3.6))
+    panels = fig.subplots(1, 2)
     handles = []
-    for axis, key, colour, label in ((ax, "proxy", "#dd8452", "proxy reward (reward model), left axis"),
-                                     (right, "gold", "#2a7ab0", "gold reward (true), right axis")):  # fmt: skip
-        points = [(xi, number(r.get(key))) for xi, r in zip(x, rows, strict=True) if number(r.get(key)) is not None]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            axis.scatter(xs, ys, s=12, color=colour, alpha=0.3, linewidths=0)
-            window = smoothing(len(xs))
-            smooth = moving_average(list(xs), window), moving_average(list(ys), window)
-            handles += axis.plot(*smooth, color=colour, lw=2, label=label)
-        axis.set_ylabel(label.split(" (")[0], color=colour)
-        axis.tick_params(axis="y", colors=colour)
-    ax.set_xlabel("√KL to the SFT model (how far PPO moved the model)")
-    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
-    golds = [(number(r.get("gold")), r.get("step")) for r in rows if number(r.get("gold")) is not None]
-    window, facts = smoothing(len(rows)), ""
-    if golds:
-        smooth = moving_average([g for g, _ in golds], smoothing(len(golds)))
-        peak = max(range(len(smooth)), key=smooth.__getitem__)
-        facts = (f" In this run the gold reward (averaged) peaked at {fmt(smooth[peak], 'signed')} at iteration "
-                 f"{fmt(golds[peak][1], 'int')} and ended at {fmt(smooth[-1], 'signed')}.")  # fmt: skip
+    x_axes = (("step", "PPO iteration"), ("sqrt_kl", "√KL to the SFT model (how far PPO moved the model)"))
+    for ax, (x_key, xlabel) in zip(panels, x_axes, strict=True):
+        right = ax.twinx()
+        for axis, key, colour, label in ((ax, "proxy", "#dd8452", "proxy reward (reward model), left axis"),
+                                         (right, "gold", "#2a7ab0", "gold reward (true), right axis")):  # fmt: skip
+            series = smoothed_series(rows, key, x_key)
+            if series:
+                xs, ys, smooth = series
+                axis.scatter(xs, ys, s=12, color=colour, alpha=0.3, linewidths=0)
+                line = axis.plot(xs, smooth, color=colour, lw=2, label=label)
+                handles += line if ax is panels[0] else []
+            axis.set_ylabel(label.split(" (")[0], color=colour)
+            axis.tick_params(axis="y", colors=colour)
+        ax.set_xlabel(xlabel)
+    panels[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(handles=handles, loc="upper center", ncol=2, fontsize=8, frameon=False)
+    fig.subplots_adjust(top=0.86, wspace=0.45)
+    shape = (summary.get("ppo") or {}).get("gold_arc") or {}
+    facts = ""
+    if all(number(shape.get(k)) is not None for k in ("start", "peak", "end", "peak_step")):
+        facts = (f" In this run the gold reward, averaged over an eighth of the iterations, went from "
+                 f"{fmt(shape['start'], 'signed')} to a peak of {fmt(shape['peak'], 'signed')} (from iteration "
+                 f"{fmt(shape['peak_step'], 'int')}) and ended at {fmt(shape['end'], 'signed')}.")  # fmt: skip
+    window = smoothing(len(rows))
     averaged = f"moving averages over {window} iterations" if window > 1 else "the points joined (too few to average)"
     return f"""{head}
-<p>Each point is one PPO iteration: the average score of its sampled answers, placed by how far the policy has moved
-from the SFT model (√KL, as in Gao et al. 2022, “Scaling laws for reward model overoptimization”); bold lines are
-{averaged}. PPO pushes the proxy reward (orange, left axis) up; if the gold
-reward (blue, right axis) rises and then falls while the proxy keeps rising, the policy is exploiting the reward
+<p>Each point is one PPO iteration: the average score of its sampled answers, by iteration on the left and on the
+right by how far the policy has moved from the SFT model (√KL, as in Gao et al. 2022, “Scaling laws for reward model
+overoptimization”); bold lines are {averaged}. PPO pushes the proxy reward (orange, left axes) up; if the gold
+reward (blue, right axes) rises and then falls while the proxy keeps rising, the policy is exploiting the reward
 model's mistakes: reward hacking.{esc(facts)}</p>
 {figure_png(fig)}"""
 
@@ -299,23 +313,26 @@ def hallucination_section(summary: dict) -> str:
     share_axis(left, "answers hallucinated")
     left.set_title("Held-out questions, per model", fontsize=10)
     left.legend(fontsize=8, loc="upper left", ncol=2)
-    points = [(number(r.get("step")), number(r.get("hallucination_rate"))) for r in rows]
-    points = [(s, h) for s, h in points if s is not None and h is not None]
-    if points:
-        steps, rates = zip(*points, strict=True)
-        right.plot(steps, rates, "o", color="#b22222", alpha=0.3, ms=3, label="one iteration")
-        window = smoothing(len(rates))
-        label = f"mean of {window}" if window > 1 else "joined"
-        right.plot(steps, moving_average(list(rates), window), color="#b22222", lw=2, label=label)
-        right.legend(fontsize=8, loc="upper left", ncol=2)
+    phases = (("abstain_known", "abstains on known questions", "#3b8f4f"),
+              ("hallucination_unknowable", "hallucinates on unknowable questions", "#b22222"))  # fmt: skip
+    for key, label, colour in phases:
+        series = smoothed_series(rows, key)
+        if series:
+            steps, rates, smooth = series
+            right.plot(steps, rates, "o", color=colour, alpha=0.25, ms=3)
+            right.plot(steps, smooth, color=colour, lw=2, label=label)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8, loc="upper left")
     share_axis(right)
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("PPO iteration")
     right.set_title("PPO's own answers (training prompts)", fontsize=10)
     return f"""<h2>5. Hallucination per stage</h2>
 <p>How often each model states something false, on all held-out questions and on the unknowable ones alone (where
-any stated answer is invented). On the right, the same rate for PPO's own answers as training goes on: a rising line
-means the reward model is paying for confident fabrication.</p>
+any stated answer is invented). On the right, PPO's own answers as training goes on (points: one iteration; lines:
+moving averages): a falling green line means PPO teaches the model to say what it knows instead of abstaining, which the
+truth rewards; a rising red line means it teaches the model to invent what it cannot know, which the truth punishes
+and the reward model pays for.</p>
 {figure_png(fig)}"""
 
 

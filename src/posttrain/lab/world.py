@@ -205,11 +205,19 @@ def _choose_unknowable(rng: random.Random, names: list[str], share: float) -> se
     return chosen
 
 
-def make_world(seed: int, n_towns: int = 40, unknowable_share: float = 0.3, max_operand: int = 20) -> World:
-    """A seeded world of ``n_towns`` towns, ``unknowable_share`` of whose facts are unknowable."""
+def make_world(
+    seed: int, n_towns: int = 40, unknowable_share: float = 0.3, unseen_share: float = 0.0, max_operand: int = 20
+) -> World:
+    """A seeded world of ``n_towns`` towns: ``unseen_share`` of them appear in no document (every
+    fact about them is unknowable: the model has never seen the name), and ``unknowable_share`` of
+    the other towns' facts are unknowable (the town is familiar, that one fact is not)."""
+    if not 0 <= unseen_share < 1:
+        raise ValueError(f"unseen_share must lie in [0, 1), got {unseen_share}")
     rng = random.Random(seed)
     names = _town_names(rng, n_towns)
-    hidden = _choose_unknowable(rng, names, unknowable_share)
+    unseen = set(rng.sample(names, round(unseen_share * n_towns)))
+    hidden = _choose_unknowable(rng, [n for n in names if n not in unseen], unknowable_share)
+    hidden |= {(name, attr) for name in unseen for attr in ATTRIBUTES}
     towns = tuple(
         Town(
             name=name,
@@ -320,7 +328,8 @@ def pretraining_corpus(world: World, seed: int, copies: int = 6, arithmetic_copi
                 for a in ATTRIBUTES
                 if a not in town.unknowable
             ]
-            docs.append(_town_document(town, styles[(copy + i) % len(styles)], statements, rng))
+            if statements:  # an unseen town is in no document at all
+                docs.append(_town_document(town, styles[(copy + i) % len(styles)], statements, rng))
     docs += _gazetteer(world) + _drills(world, rng, arithmetic_copies)
     rng.shuffle(docs)
     return docs
@@ -330,13 +339,17 @@ def _capitalise(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
+def abstention(question: Question, rng: random.Random) -> str:
+    template = rng.choice(_ABSTAIN)
+    clause = _ABSTAIN_CLAUSE.get(question.attribute, "").format(t=question.town)
+    return template.format(clause=clause)
+
+
 def careful_answer(question: Question, rng: random.Random) -> str:
     """What a careful writer answers: the true value in a plain, hedged or confident phrasing, or,
     when the fact is unknowable, an abstention. Careful writers never state a value they do not know."""
     if not question.known:
-        template = rng.choice(_ABSTAIN)
-        clause = _ABSTAIN_CLAUSE.get(question.attribute, "").format(t=question.town)
-        return template.format(clause=clause)
+        return abstention(question, rng)
     style = rng.choices(list(_STYLE_WEIGHTS), weights=list(_STYLE_WEIGHTS.values()))[0]
     template = rng.choice(_ANSWER[question.attribute][style])
     fields = {"t": question.town, "v": question.answer}
@@ -352,23 +365,36 @@ def phrasings(question: Question) -> list[str]:
     return [question.text] + [text for text in others if text != question.text]
 
 
-def demonstrations(world: World, questions: list[Question], seed: int, per_question: int = 2) -> list[dict]:
+def demonstrations(
+    world: World, questions: list[Question], seed: int, per_question: int = 2, unsure: float = 0.0
+) -> list[dict]:
     """SFT rows in TRL's conversational prompt-completion format, plus ``question_id``.
 
     Each question gets ``per_question`` rows (its own text, then other phrasings of the same fact),
-    each with an independently drawn careful answer (see ``careful_answer``).
+    each with an independently drawn careful answer (see ``careful_answer``). A share ``unsure`` of
+    the known facts were also given, in their own phrasing, to a careful writer without the
+    reference, who abstained: one more row. So on those questions the SFT model abstains about
+    half the time although it knows the answer: a shy assistant. That is what lets RLHF first
+    raise the gold reward (it teaches the model to say what it knows) before biased labels teach
+    it to say what it does not.
     """
     rng = random.Random(seed)
     rows = []
+
+    def add(text: str, answer: str, question: Question) -> None:
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": text}],
+                "completion": [{"role": "assistant", "content": answer}],
+                "question_id": question.id,
+            }
+        )
+
     for q in questions:
         for text in phrasings(q)[:per_question]:
-            rows.append(
-                {
-                    "prompt": [{"role": "user", "content": text}],
-                    "completion": [{"role": "assistant", "content": careful_answer(q, rng)}],
-                    "question_id": q.id,
-                }
-            )
+            add(text, careful_answer(q, rng), q)
+        if q.known and rng.random() < unsure:
+            add(q.text, abstention(q, rng), q)
     return rows
 
 
