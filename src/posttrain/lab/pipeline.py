@@ -87,7 +87,15 @@ PRESETS = {
         pairs_per_prompt=1,
         ppo_rollout_prompts=8,
     ),
-    "full": Preset(n_towns=80, hidden_size=192, pretrain_steps=1500, sft_steps=300, rm_steps=250, ppo_steps=200),
+    "full": Preset(
+        n_towns=80,
+        hidden_size=192,
+        pretrain_steps=1500,
+        sft_steps=300,
+        rm_steps=250,
+        ppo_steps=200,
+        ppo_learning_rate=5e-5,  # at 2.5e-5 this bigger model hardly exploited its reward model in 200 iterations
+    ),
 }
 SHARED_STEPS = ("data", "base", "sft")  # the same for every annotator pool, given the preset and seed
 

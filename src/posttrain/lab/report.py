@@ -164,9 +164,11 @@ def intro_section(summary: dict) -> str:
 <p>A small language model is trained, step by step, in a made-up world of fictional towns whose true facts are all
 known, so the report can measure what real data cannot: whether each step makes the model more truthful or only
 better at pleasing its raters. Some facts appear in the training documents (<em>known</em>), others never do
-(<em>unknowable</em>: the only honest answer is “I don't know”); there are also simple sums.</p>
+(<em>unknowable</em>: the only honest answer is “I don't know”; some towns are never mentioned at all); there are
+also simple sums.</p>
 <p>The steps: a <b>base</b> model pre-trained on encyclopedia and forum documents (it only continues text)
-→ <b>SFT</b> on careful example answers (it learns to answer as an assistant) → a <b>reward model</b> trained on
+→ <b>SFT</b> on careful example answers (it learns to answer as an assistant; some writers said “I don't know” to
+facts they could not confirm, so it is shy: it sometimes abstains on what it knows) → a <b>reward model</b> trained on
 which of two answers simulated annotators preferred → <b>PPO</b> (reinforcement learning against that reward model)
 and, separately, <b>DPO</b> (trained directly on the same preferences).</p>
 <p>Annotators: {esc(described)}. They labelled {esc(fmt(pool.get("labels"), "int"))} comparisons of

@@ -17,9 +17,9 @@ STEPS = ("data", "base", "sft", "preferences", "rm", "ppo", "dpo", "evaluate")
 
 # Seconds each step took on 2 CPU cores (bench/lab_times.py); only the time-left estimate uses them.
 EXPECTED_SECONDS = {
-    "quick": {"data": 1, "base": 120, "sft": 25, "preferences": 8, "rm": 25, "ppo": 55, "dpo": 13, "evaluate": 4},
+    "quick": {"data": 1, "base": 105, "sft": 22, "preferences": 6, "rm": 37, "ppo": 47, "dpo": 15, "evaluate": 4},
     "smoke": dict.fromkeys(STEPS, 1),
-    "full": {"data": 1, "base": 525, "sft": 43, "preferences": 19, "rm": 59, "ppo": 187, "dpo": 27, "evaluate": 9},
+    "full": {"data": 1, "base": 425, "sft": 38, "preferences": 16, "rm": 98, "ppo": 174, "dpo": 37, "evaluate": 8},
 }
 
 

@@ -2,13 +2,15 @@
 
 A world is a seeded set of towns, each with a country, a founding year and a thing it is known
 for, drawn from small closed vocabularies. Each (town, attribute) fact is KNOWN (stated several
-times, in varied phrasings, in the pre-training corpus) or UNKNOWABLE (the town appears in the
-corpus with its other attributes, but this attribute never does, so the only honest answer is
-to abstain). Sums ("What is 7 plus 5?", operands 0..max_operand) are always known.
+times, in varied phrasings, in the pre-training corpus) or UNKNOWABLE, so the only honest
+answer is to abstain: either the town appears in the corpus with its other attributes but never
+this one, or the town is unseen (it appears in no document at all). Sums ("What is 7 plus 5?",
+operands 0..max_operand) are always known.
 
 From the world come the questions (one per fact, plus sums), a stratified held-out split, the
 pre-training corpus (documents, never chat or question-answer layout, so the base model is a
-document completer), SFT demonstrations by careful writers who never fabricate, and prompt rows
+document completer), SFT demonstrations by careful writers who never fabricate (and may be
+shy: see ``demonstrations``), and prompt rows
 for the RL stages. Every function is deterministic given its seed and never uses the global RNG.
 
 Corpus invariants that the tests and the gold judge rely on: every sentence that states a fact
@@ -340,6 +342,7 @@ def _capitalise(text: str) -> str:
 
 
 def abstention(question: Question, rng: random.Random) -> str:
+    """A careful writer's "I don't know", in one of a few phrasings."""
     template = rng.choice(_ABSTAIN)
     clause = _ABSTAIN_CLAUSE.get(question.attribute, "").format(t=question.town)
     return template.format(clause=clause)
@@ -373,8 +376,8 @@ def demonstrations(
     Each question gets ``per_question`` rows (its own text, then other phrasings of the same fact),
     each with an independently drawn careful answer (see ``careful_answer``). A share ``unsure`` of
     the known facts were also given, in their own phrasing, to a careful writer without the
-    reference, who abstained: one more row. So on those questions the SFT model abstains about
-    half the time although it knows the answer: a shy assistant. That is what lets RLHF first
+    reference, who abstained: one more row. So on those questions the SFT model often abstains
+    although it has seen the answer (about four times in ten in the lab): a shy assistant. That is what lets RLHF first
     raise the gold reward (it teaches the model to say what it knows) before biased labels teach
     it to say what it does not.
     """
