@@ -8,7 +8,7 @@ import math
 import random
 import re
 
-from posttrain.lab.report import fmt, moving_average, write_report
+from posttrain.lab.report import fmt, moving_average, smoothed_series, write_report
 
 HEADINGS = (
     "1. What this lab is",
@@ -145,6 +145,9 @@ def test_helpers():
     assert fmt(float("nan")) == fmt(None) == fmt("x") == fmt(True) == "–"
     assert (fmt(0.123, "pct"), fmt(0.5, "signed"), fmt(-0.5, "signed")) == ("12%", "+0.50", "-0.50")
     assert moving_average([1.0, 3.0, 5.0], window=2) == [1.0, 2.0, 4.0]
+    rows = [{"step": 3, "a": 1.0}, {"step": 1, "a": None}, {"step": None, "a": 2.0}, {"step": 2, "a": 0.5}]
+    assert smoothed_series(rows, "a") == ([2, 3], [0.5, 1.0], [0.5, 1.0])  # sorted, gaps dropped, too few to average
+    assert smoothed_series(rows[1:2], "a") is None
 
 
 def test_sample_table_mixes_question_kinds_and_texts_follow_the_numbers(tmp_path):

@@ -112,6 +112,7 @@ class Lab:
 
 
 def make_lab(preset: Preset, seed: int) -> Lab:
+    """The world a preset and seed describe, and every question about it."""
     the_world = world.make_world(seed, preset.n_towns, preset.unknowable_share, preset.unseen_share)
     return Lab(the_world, world.questions(the_world, seed, n_arithmetic=preset.n_arithmetic))
 
@@ -387,7 +388,8 @@ def gold_arc(trajectory: list[dict]) -> dict[str, float]:
     """The rollouts' gold reward over PPO, averaged over an eighth of the iterations at a time:
     its start, peak (and the iteration where the peak's window starts) and end."""
     shape = evaluation.arc([row["gold"] for row in trajectory], max(1, len(trajectory) // 8))
-    return shape | {"peak_step": trajectory[shape.pop("peak_index")]["step"]}
+    peak = shape.pop("peak_index")
+    return {**shape, "peak_step": trajectory[peak]["step"]}
 
 
 def write_summary(out: Path, config: LabConfig) -> None:

@@ -239,8 +239,8 @@ def trajectory_rows(summary: dict) -> list[dict]:
 def smoothed_series(rows: list[dict], key: str, x_key: str = "step") -> tuple[list, list, list] | None:
     """(x, y, moving average of y), sorted by x, over the rows where both are numbers; None if none are.
     Sorting by x makes the average a curve along the x axis (KL is noisy from one iteration to the next)."""
-    points = sorted((number(r.get(x_key)), number(r.get(key))) for r in rows)
-    points = [(x, y) for x, y in points if x is not None and y is not None]
+    points = [(number(r.get(x_key)), number(r.get(key))) for r in rows]
+    points = sorted((x, y) for x, y in points if x is not None and y is not None)
     if not points:
         return None
     xs, ys = (list(v) for v in zip(*points, strict=True))
