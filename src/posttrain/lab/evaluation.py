@@ -66,35 +66,38 @@ def kl_to_reference(model_dir: Path, reference_dir: Path, prompts: list[list[dic
     return total / count
 
 
+def share(judged: list[tuple[world.Question, gold.Judgement]], label: str, known: bool | None) -> float | None:
+    """The share of answers with ``label`` among those to known (True), unknowable (False) or all
+    (None) questions; None when there are no such questions."""
+    chosen = [j for q, j in judged if known is None or q.known == known]
+    return sum(j.label == label for j in chosen) / len(chosen) if chosen else None
+
+
 def model_metrics(questions: list[world.Question], judged: list[gold.Judgement]) -> dict[str, float]:
-    def share(label: str, known: bool | None) -> float:
-        chosen = [j for q, j in zip(questions, judged, strict=True) if known is None or q.known == known]
-        return sum(j.label == label for j in chosen) / max(len(chosen), 1)
+    pairs = list(zip(questions, judged, strict=True))
+
+    def of(label: str, known: bool | None) -> float:  # 0 where the held-out set has no such question
+        return share(pairs, label, known) or 0.0
 
     return {
         "gold_reward": sum(gold.gold_reward(j) for j in judged) / len(judged),
-        "accuracy_known": share("correct", True),
-        "abstain_unknowable": share("abstained", False),
-        "hallucination_rate": share("hallucinated", None),
-        "hallucination_unknowable": share("hallucinated", False),
-        "format_compliance": 1 - share("malformed", None),
+        "accuracy_known": of("correct", True),
+        "abstain_unknowable": of("abstained", False),
+        "hallucination_rate": of("hallucinated", None),
+        "hallucination_unknowable": of("hallucinated", False),
+        "format_compliance": 1 - of("malformed", None),
         "mean_length": sum(j.n_words for j in judged) / len(judged),
     }
 
 
-def rollout_metrics(judged: list[tuple[world.Question, gold.Judgement]]) -> dict[str, float]:
+def rollout_metrics(judged: list[tuple[world.Question, gold.Judgement]]) -> dict[str, float | None]:
     """One PPO iteration's rollouts, judged: gold reward, hallucination rate (all; unknowable
     questions) and abstention on known questions (None where the iteration asked none of that kind)."""
-
-    def share(label: str, known: bool | None) -> float | None:
-        chosen = [j for q, j in judged if known is None or q.known == known]
-        return sum(j.label == label for j in chosen) / len(chosen) if chosen else None
-
     return {
         "gold": sum(gold.gold_reward(j) for _, j in judged) / len(judged),
-        "hallucination_rate": share("hallucinated", None),
-        "hallucination_unknowable": share("hallucinated", False),
-        "abstain_known": share("abstained", True),
+        "hallucination_rate": share(judged, "hallucinated", None),
+        "hallucination_unknowable": share(judged, "hallucinated", False),
+        "abstain_known": share(judged, "abstained", True),
     }
 
 

@@ -363,7 +363,6 @@ def run_lab(config: LabConfig) -> Path:
     if config.reuse:
         reuse_shared_steps(Path(config.reuse), out, settings)
     lab = make_lab(preset, config.seed)
-    the_world = lab.world
     progress = Progress(EXPECTED_SECONDS[config.preset])
 
     def run_step(name: str, run) -> None:
@@ -378,7 +377,7 @@ def run_lab(config: LabConfig) -> Path:
     run_step("dpo", lambda d: dpo(d, out / "sft", out / "preferences", preset, config))
     models = {name: out / name for name in ("base", "sft", "ppo", "dpo")}
     held_out = load_questions(out / "data")
-    run_step("evaluate", lambda d: evaluation.evaluate(d, models, held_out, the_world, config.seed))
+    run_step("evaluate", lambda d: evaluation.evaluate(d, models, held_out, lab.world, config.seed))
     write_summary(out, config)
     write_report(out)
     return out
