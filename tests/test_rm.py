@@ -192,11 +192,11 @@ def test_ensemble_writes_members_and_index(tiny_model, tmp_path):
 
 def test_ensemble_members_get_seeds_and_data_orders():
     config = RMConfig(model="m", data="d", output="o", seed=5, ensemble=3)
-    shuffled = [member_config(config, i) for i in range(3)]
+    shuffled = [member_config(config, i, Path("o")) for i in range(3)]
     assert [m.seed for m in shuffled] == [5, 6, 7] and [m.data_seed for m in shuffled] == [5, 6, 7]
     assert [m.output for m in shuffled] == [str(Path("o") / f"member-{i}") for i in range(3)]
     config.ensemble_shuffle, config.data_seed = False, 11
-    assert [member_config(config, i).data_seed for i in range(3)] == [11, 11, 11]
+    assert [member_config(config, i, Path("o")).data_seed for i in range(3)] == [11, 11, 11]
 
 
 def test_aggregate_by_hand():

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from posttrain.errors import UserError
@@ -59,7 +61,7 @@ class TrainConfig:
     save_total_limit: int = option(2, "keep only the newest N checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in OUTPUT/checkpoints")
     overwrite: bool = option(False, "replace an existing non-empty OUTPUT")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision (bf16/fp16 need a GPU)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision (fp16 needs a GPU)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = option(False, "allow model code from the model's repository to run")
     lora_r: int = option(0, "LoRA rank; 0 trains all weights")
@@ -71,24 +73,47 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        """Cross-field checks shared by every stage; raises UserError."""
+        """Checks shared by every stage, before any work starts; raises UserError naming the option."""
         for name in ("model", "data", "output"):
             if not getattr(self, name):
-                raise UserError(f"--{name.replace('_', '-')} is required (or set `{name}:` in the config file)")
-        positive = ("batch_size", "grad_accum", "max_length", "epochs", "logging_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.eval_split < 1.0:
-            raise UserError(f"--eval-split must be in [0, 1), got {self.eval_split}")
+                raise UserError(f"{flag(name)} is required (or set `{name}:` in the config file)")
+        check_finite_floats(self)
+        for name in ("batch_size", "grad_accum", "max_length", "epochs", "logging_steps"):
+            require(self, name, getattr(self, name) >= 1, "at least 1")
+        for name in ("eval_steps", "save_steps", "save_total_limit", "lora_r", "seed", "weight_decay", "max_grad_norm"):
+            require(self, name, getattr(self, name) >= 0, "non-negative")
+        require(self, "max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 (use --epochs) or at least 1")
+        require(self, "data_seed", self.data_seed >= -1, "-1 (use --seed) or non-negative")
+        require(self, "learning_rate", self.learning_rate > 0, "positive")
+        require(self, "adam_epsilon", self.adam_epsilon > 0, "positive")
+        for name in ("adam_beta1", "adam_beta2", "eval_split", "lora_dropout"):
+            require(self, name, 0.0 <= getattr(self, name) < 1.0, "in [0, 1)")
+        require(self, "warmup_ratio", 0.0 <= self.warmup_ratio <= 1.0, "in [0, 1]")
+        require(self, "lora_alpha", self.lora_alpha >= 1 or not self.lora_r, "at least 1")
         if self.eval_split and self.eval_data:
             raise UserError("give either --eval-data or --eval-split, not both")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise UserError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; choose one")
+        if self.mixed_precision == "fp16" and not torch.accelerator.is_available():
+            raise UserError("--mixed-precision fp16 needs a GPU and this machine has none; use bf16 or no")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
+def require(config: Any, name: str, holds: bool, meaning: str) -> None:
+    """Raise a UserError naming ``--name`` unless ``holds``."""
+    if not holds:
+        raise UserError(f"{flag(name)} must be {meaning}, got {getattr(config, name)}")
+
+
+def check_finite_floats(config: Any) -> None:
+    """NaN or infinity in any number option is refused up front (it would surface as "the loss is nan")."""
+    for name, kind in field_types(type(config)).items():
+        if kind is float:
+            require(config, name, math.isfinite(getattr(config, name)), "a finite number")
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -102,6 +127,8 @@ def _check_value(cls: type, key: str, value: Any, source: str) -> Any:
     where = f"{source}: key '{key}'"
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
+        if value is False and "no" in choices:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in choices:
             raise UserError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
         return value
@@ -109,18 +136,26 @@ def _check_value(cls: type, key: str, value: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise UserError(f"{where}: expected true or false, got {value!r}")
         return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if kind is float:
+        return _float_value(value, where)
     if kind is str and value is None:
         return ""
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise UserError(f"{where}: expected {kind.__name__}, got {value!r}")
     return value
+
+
+def _float_value(value: Any, where: str) -> float:
+    """A YAML number (YAML 1.1 reads 2e-5, without a dot, as a string); finite."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def _unknown_key(path: str, key: Any, valid: list[str]) -> UserError:

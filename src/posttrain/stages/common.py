@@ -1,13 +1,12 @@
-"""Set-up every stage shares: accelerator, output directory, data splits, model, final save.
+"""Set-up every stage shares: accelerator, data splits, model, final save.
 
 Plain functions, no base class: a stage module calls the ones it needs, in order.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import shutil
+import math
 from pathlib import Path
 
 import datasets
@@ -15,11 +14,11 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from posttrain import config as config_io
 from posttrain.config import TrainConfig
 from posttrain.data.loading import load_rows
 from posttrain.errors import UserError
 from posttrain.models.loading import add_lora, is_peft, load_model, load_tokenizer
+from posttrain.training.loop import Batches
 from posttrain.training.metrics import tracker_for
 
 log = logging.getLogger(__name__)
@@ -42,47 +41,30 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def check_output(config: TrainConfig) -> Path:
-    """Refuse to touch a non-empty OUTPUT unless resuming or told to overwrite (checked before any work)."""
-    output = Path(config.output)
-    non_empty = output.is_dir() and any(output.iterdir())
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output}: exists and is not a directory")
-    if config.resume and not non_empty:
-        raise UserError(f"--resume: {output} holds no earlier run to resume")
-    if non_empty and not (config.resume or config.overwrite):
-        raise UserError(f"--output {output}: directory is not empty; pass --overwrite to replace it or --resume")
-    return output
-
-
-def open_output(config: TrainConfig, accelerator: Accelerator, trackers: bool = True) -> Path:
-    """Clear (with --overwrite) and create OUTPUT, save the resolved config, start trackers.
-
-    Every process has passed ``check_output`` at its start; the barrier keeps the main
-    process from creating OUTPUT before the others have checked it.
-    """
-    output = Path(config.output)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if config.overwrite and output.is_dir():
-            shutil.rmtree(output)
-        output.mkdir(parents=True, exist_ok=True)
-        config_io.save(config, output / "config.yaml")
-    accelerator.wait_for_everyone()
-    if trackers:  # a reward ensemble's directory has none: each member starts its own
-        accelerator.init_trackers(output.name, config=dataclasses.asdict(config))
-    return output
-
-
 def load_splits(config: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Training rows and held-out rows (from --eval-data, or split off with --eval-split)."""
     rows = load_rows(config.data, config.data_split)
     if config.eval_data:
         return rows, load_rows(config.eval_data, config.data_split)
     if config.eval_split:
+        held_out = math.ceil(config.eval_split * len(rows))  # as datasets' train_test_split rounds
+        if held_out >= len(rows):
+            raise UserError(
+                f"--eval-split {config.eval_split}: {config.data} has {len(rows)} rows; holding out {held_out} "
+                "leaves none to train on"
+            )
         parts = rows.train_test_split(test_size=config.eval_split, seed=config.seed)
         return parts["train"], parts["test"]
     return rows, None
+
+
+def prepare_splits(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, prepare) -> tuple[Batches, Batches | None]:
+    """The training and held-out splits, each through the stage's ``prepare(rows, source, tokenizer, config)``."""
+    train_rows, eval_rows = load_splits(config)
+    train_data = prepare(train_rows, config.data, tokenizer, config)
+    if eval_rows is None:
+        return train_data, None
+    return train_data, prepare(eval_rows, config.eval_data or config.data, tokenizer, config)
 
 
 def load_trainable(config: TrainConfig) -> PreTrainedModel:

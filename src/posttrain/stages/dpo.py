@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.config import TrainConfig, option
+from posttrain.config import TrainConfig, option, require
 from posttrain.data.formats import detect_format, require_format, validate_rows
 from posttrain.data.preference import collate_pairs, collate_unpaired, tokenize_preferences
 from posttrain.errors import UserError
@@ -36,7 +36,8 @@ from posttrain.ops.preference import (
     rpo_nll,
 )
 from posttrain.stages import common
-from posttrain.training.loop import Batch, Batches, LossOutput, train
+from posttrain.training.loop import Batch, Batches, LossOutput, make_plan, train
+from posttrain.training.output import claim_output
 
 LossName = Literal["sigmoid", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto"]
 
@@ -60,8 +61,12 @@ class DPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.beta <= 0:
-            raise UserError(f"--beta must be positive, got {self.beta}")
+        require(self, "beta", self.beta > 0, "positive")
+        for name in ("rpo_alpha", "desirable_weight", "undesirable_weight"):
+            require(self, name, getattr(self, name) >= 0, "non-negative")
+        cache = Path(self.cache_dir).expanduser()
+        if self.precompute_ref and cache.exists() and not cache.is_dir():
+            raise UserError(f"--cache-dir {self.cache_dir}: exists and is not a directory")
         high = {"cdpo": 0.5, "robust": 0.5 - 1e-9}.get(self.loss)
         if high is None and self.label_smoothing:
             raise UserError(f"--label-smoothing applies to cdpo and robust only, not to --loss {self.loss}")
@@ -126,26 +131,23 @@ def cache_reference(data: Batches, reference: Reference, config: DPOConfig, acce
 
 def run_dpo(config: DPOConfig) -> Path:
     """Train per ``config``; returns the output directory (a Hugging Face checkpoint)."""
-    common.check_output(config)
     accelerator = common.make_accelerator(config)
-    set_seed(config.seed)
-    tokenizer = common.load_stage_tokenizer(config)
-    with accelerator.main_process_first():
-        train_rows, eval_rows = common.load_splits(config)
-        train_data = prepare(train_rows, config.data, tokenizer, config)
-        eval_data = (
-            prepare(eval_rows, config.eval_data or config.data, tokenizer, config) if eval_rows is not None else None
-        )
-    model = common.load_trainable(config)
-    reference = load_reference(config, model, accelerator)
-    if config.precompute_ref and reference is not None:
-        with accelerator.main_process_first():  # the main process computes, the others read its cache
-            train_data = cache_reference(train_data, reference, config, accelerator)
-            eval_data = cache_reference(eval_data, reference, config, accelerator) if eval_data is not None else None
-        reference = None  # every batch now carries its reference log-probs
-    loss = unpaired_loss if config.loss == "kto" else paired_loss
-    output = common.open_output(config, accelerator)
-    model = train(model, train_data, eval_data, functools.partial(loss, reference=reference, config=config),
-                  config, accelerator, output)  # fmt: skip
-    common.save_final(model, tokenizer, output, accelerator)
-    return output
+    with claim_output(config, accelerator) as out:
+        set_seed(config.seed)
+        tokenizer = common.load_stage_tokenizer(config)
+        with accelerator.main_process_first():
+            train_data, eval_data = common.prepare_splits(config, tokenizer, prepare)
+        make_plan(len(train_data.dataset), config, accelerator.num_processes)  # a batch too big: before loading
+        model = common.load_trainable(config)
+        reference = load_reference(config, model, accelerator)
+        if config.precompute_ref and reference is not None:
+            with accelerator.main_process_first():  # the main process computes, the others read its cache
+                train_data = cache_reference(train_data, reference, config, accelerator)
+                eval_data = eval_data and cache_reference(eval_data, reference, config, accelerator)
+            reference = None  # every batch now carries its reference log-probs
+        loss = unpaired_loss if config.loss == "kto" else paired_loss
+        model = train(model, train_data, eval_data, functools.partial(loss, reference=reference, config=config),
+                      config, accelerator, out.work)  # fmt: skip
+        common.save_final(model, tokenizer, out.work, accelerator)
+        out.commit(accelerator)
+    return out.final

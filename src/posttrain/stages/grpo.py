@@ -30,6 +30,7 @@ from posttrain.stages.rl_common import (
     set_up,
 )
 from posttrain.training.loop import Batch, LossOutput
+from posttrain.training.output import claim_output
 from posttrain.training.rl_loop import Experience, run_rl
 from posttrain.training.rollout import Rollout, batched_log_probs, response_log_probs, response_logits, sample
 
@@ -98,11 +99,13 @@ def group_loss(model, batch: Batch, *, config: GRPOConfig) -> LossOutput:
 
 def run_grpo(config: GRPOConfig) -> Path:
     """Train per ``config`` (GRPO or RLOO by ``config.advantage``); returns the output directory."""
-    s = set_up(config)
-    experience = functools.partial(make_experience, tokenizer=s.tokenizer, reward=s.reward, reference=s.reference,
-                                   config=config)  # fmt: skip
-    output = common.open_output(config, s.accelerator)
-    policy = run_rl(s.policy, s.prompts, experience, functools.partial(group_loss, config=config), config,
-                    s.accelerator, output, {})  # fmt: skip
-    common.save_final(policy, s.tokenizer, output, s.accelerator)
-    return output
+    accelerator = common.make_accelerator(config)
+    with claim_output(config, accelerator) as out:
+        s = set_up(config, accelerator)
+        experience = functools.partial(make_experience, tokenizer=s.tokenizer, reward=s.reward,
+                                       reference=s.reference, config=config)  # fmt: skip
+        policy = run_rl(s.policy, s.prompts, experience, functools.partial(group_loss, config=config), config,
+                        accelerator, out.work, {})  # fmt: skip
+        common.save_final(policy, s.tokenizer, out.work, accelerator)
+        out.commit(accelerator)
+    return out.final

@@ -21,7 +21,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
 
-from posttrain.config import option
+from posttrain.config import option, require
 from posttrain.errors import UserError
 from posttrain.models import reward_model as rm
 from posttrain.ops import rl
@@ -35,6 +35,7 @@ from posttrain.stages.rl_common import (
     set_up,
 )
 from posttrain.training.loop import Batch, LossOutput
+from posttrain.training.output import claim_output
 from posttrain.training.rl_loop import Experience, run_rl
 from posttrain.training.rollout import Rollout, response_log_probs, sample
 
@@ -55,6 +56,12 @@ class PPOConfig(RLConfig):
 
     def validate(self) -> None:
         super().validate()
+        for name in ("vf_coef", "kl_target"):
+            require(self, name, getattr(self, name) >= 0, "non-negative")
+        require(self, "cliprange_value", self.cliprange_value > 0, "positive")
+        require(self, "kl_horizon", self.kl_horizon >= 1, "at least 1")
+        for name in ("gamma", "lam"):
+            require(self, name, 0.0 <= getattr(self, name) <= 1.0, "in [0, 1]")
         if self.num_generations != 1:
             raise UserError("ppo samples one completion per prompt; --num-generations is for grpo and rloo")
 
@@ -170,14 +177,17 @@ def ppo_loss(model, batch: Batch, *, config: PPOConfig) -> LossOutput:
 
 def run_ppo(config: PPOConfig) -> Path:
     """Train per ``config``; returns the output directory (the policy as a Hugging Face checkpoint)."""
-    s = set_up(config)
-    model = build_value(s.policy, config, s.tokenizer)
-    controller = (rl.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target
-                  else rl.FixedKLController(config.kl_coef))  # fmt: skip
-    experience = functools.partial(make_experience, tokenizer=s.tokenizer, reward=s.reward, reference=s.reference,
-                                   controller=controller, config=config)  # fmt: skip
-    loss = functools.partial(ppo_loss, config=config)
-    output = common.open_output(config, s.accelerator)
-    model = run_rl(model, s.prompts, experience, loss, config, s.accelerator, output, {"kl_controller": controller})
-    common.save_final(model.policy, s.tokenizer, output, s.accelerator)
-    return output
+    accelerator = common.make_accelerator(config)
+    with claim_output(config, accelerator) as out:
+        s = set_up(config, accelerator)
+        model = build_value(s.policy, config, s.tokenizer)
+        controller = (rl.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target
+                      else rl.FixedKLController(config.kl_coef))  # fmt: skip
+        experience = functools.partial(make_experience, tokenizer=s.tokenizer, reward=s.reward,
+                                       reference=s.reference, controller=controller, config=config)  # fmt: skip
+        loss = functools.partial(ppo_loss, config=config)
+        model = run_rl(model, s.prompts, experience, loss, config, accelerator, out.work,
+                       {"kl_controller": controller})  # fmt: skip
+        common.save_final(model.policy, s.tokenizer, out.work, accelerator)
+        out.commit(accelerator)
+    return out.final

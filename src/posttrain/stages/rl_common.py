@@ -11,12 +11,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.config import TrainConfig, option
+from posttrain.config import TrainConfig, option, require
 from posttrain.errors import UserError
 from posttrain.models.loading import load_model
 from posttrain.models.reference import Reference
 from posttrain.rewards import Reward, parse_reward
 from posttrain.stages import common
+from posttrain.training.rl_loop import rl_plan, updates_per_iteration
 from posttrain.training.rollout import Rollout, batched_log_probs, tokenize_prompts
 
 
@@ -62,8 +63,11 @@ class RLConfig(TrainConfig):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.eval_data or self.eval_split:
             raise UserError("the RL stages do not evaluate on held-out prompts; drop --eval-data / --eval-split")
-        if self.temperature <= 0:
-            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        for name in ("temperature", "cliprange", "reward_clip"):
+            require(self, name, getattr(self, name) > 0, "positive")
+        for name in ("kl_coef", "ensemble_lambda"):
+            require(self, name, getattr(self, name) >= 0, "non-negative")
+        require(self, "top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]")
 
 
 @dataclass
@@ -76,13 +80,13 @@ class RLSetup:
     reference: Reference
 
 
-def set_up(config: RLConfig) -> RLSetup:
-    """In order: check OUTPUT, accelerator, seed, tokenizer, prompts, reward, policy, reference."""
-    common.check_output(config)
-    accelerator = common.make_accelerator(config)
+def set_up(config: RLConfig, accelerator: Accelerator) -> RLSetup:
+    """In order: seed, tokenizer, prompts, reward, policy, reference."""
     set_seed(config.seed)
     tokenizer = common.load_stage_tokenizer(config)
     prompts = load_prompts(config, tokenizer, accelerator)
+    rl_plan(len(prompts), config, accelerator.num_processes)  # too few prompts or a bad batch: before loading
+    updates_per_iteration(config, config.rollout_prompts * config.num_generations)
     reward = load_rl_reward(config, accelerator)
     policy = common.load_trainable(config)
     return RLSetup(accelerator, tokenizer, prompts, reward, policy, load_rl_reference(config, policy, accelerator))

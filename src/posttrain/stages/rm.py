@@ -42,9 +42,9 @@ from posttrain.models.reward_model import (
     load_reward_backbone,
 )
 from posttrain.stages import common
-from posttrain.training import checkpoint as ckpt
 from posttrain.training.loop import Batch, Batches, LossOutput, make_plan, to_device, train
 from posttrain.training.metrics import MetricsLog
+from posttrain.training.output import claim_output, open_output
 
 
 @dataclass
@@ -261,11 +261,11 @@ def load_scorer(config: RMConfig, tokenizer: PreTrainedTokenizerBase) -> RewardS
     return RewardScorer(model)
 
 
-def train_member(config: RMConfig, tokenizer, train_data: Batches, eval_data: Batches | None, accelerator) -> Path:
-    """Train one reward model into ``config.output``; then calibration, reward statistics, checkpoint."""
+def train_member(config: RMConfig, tokenizer, train_data: Batches, eval_data: Batches | None, accelerator,
+                 output: Path) -> None:  # fmt: skip
+    """Train one reward model into ``output``; then calibration, reward statistics, checkpoint."""
     set_seed(config.seed)  # initialises the new score head
     scorer = load_scorer(config, tokenizer)
-    output = common.open_output(config, accelerator)
     loss = functools.partial(rm_loss, config=config)
     scorer = train(scorer, train_data, eval_data, loss, config, accelerator, output)
     step = make_plan(len(train_data.dataset), config, accelerator.num_processes).total_steps
@@ -277,43 +277,42 @@ def train_member(config: RMConfig, tokenizer, train_data: Batches, eval_data: Ba
     if accelerator.is_main_process:  # written last: its presence marks a finished member (ensemble --resume)
         (output / STATS_FILE).write_text(json.dumps({**dataclasses.asdict(stats), "step": step}, indent=2) + "\n")
     accelerator.free_memory()  # drop the accelerator's references before the next ensemble member
-    return output
 
 
-def member_config(config: RMConfig, i: int) -> RMConfig:
-    """Member i: seed + i, data order seed + i (or the ensemble's one order), OUTPUT/member-i.
+def member_config(config: RMConfig, i: int, directory: Path) -> RMConfig:
+    """Member i: seed + i, data order seed + i (or the ensemble's one order), written to ``directory/member-i``.
 
-    On --resume a member with a checkpoint continues from it; one without starts afresh.
+    Under the ensemble's --resume a member continues from its checkpoint, or starts afresh without one.
     """
     order = config.seed if config.data_seed < 0 else config.data_seed
-    directory = Path(config.output) / f"member-{i}"
-    resume = config.resume and ckpt.latest_checkpoint(directory / "checkpoints") is not None
     return dataclasses.replace(config, seed=config.seed + i, data_seed=order + i if config.ensemble_shuffle else order,
-                               output=str(directory), ensemble=1, resume=resume, overwrite=not resume)  # fmt: skip
+                               output=str(directory / f"member-{i}"), ensemble=1)  # fmt: skip
+
+
+def train_ensemble(config: RMConfig, tokenizer, train_data: Batches, eval_data: Batches | None, accelerator,
+                   output: Path) -> None:  # fmt: skip
+    """K members in ``output/member-i`` (finished ones skipped on --resume), then the index ``ensemble.json``."""
+    open_output(config, accelerator, output, trackers=False)
+    members = [member_config(config, i, output) for i in range(config.ensemble)]
+    for member in members:
+        if not (config.resume and (Path(member.output) / STATS_FILE).is_file()):  # skip finished members
+            train_member(member, tokenizer, train_data, eval_data, accelerator, Path(member.output))
+    if accelerator.is_main_process:
+        index = {"members": [Path(m.output).name for m in members], "seeds": [m.seed for m in members]}
+        (output / ENSEMBLE_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def run_rm(config: RMConfig) -> Path:
     """Train per ``config``; returns the output directory (a reward model, or an ensemble of them)."""
-    common.check_output(config)
     accelerator = common.make_accelerator(config)
-    set_seed(config.seed)
-    tokenizer = common.load_stage_tokenizer(config)
-    with accelerator.main_process_first():  # one split and tokenization, shared by every ensemble member
-        train_rows, eval_rows = common.load_splits(config)
-        train_data = prepare(train_rows, config.data, tokenizer, config)
-        eval_data = (
-            prepare(eval_rows, config.eval_data or config.data, tokenizer, config) if eval_rows is not None else None
-        )
-    if config.ensemble == 1:
-        output = train_member(config, tokenizer, train_data, eval_data, accelerator)
-    else:
-        output = common.open_output(config, accelerator, trackers=False)
-        members = [member_config(config, i) for i in range(config.ensemble)]
-        for member in members:
-            if not (config.resume and (Path(member.output) / STATS_FILE).is_file()):  # skip finished members
-                train_member(member, tokenizer, train_data, eval_data, accelerator)
-        if accelerator.is_main_process:
-            index = {"members": [Path(m.output).name for m in members], "seeds": [m.seed for m in members]}
-            (output / ENSEMBLE_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    with claim_output(config, accelerator) as out:
+        set_seed(config.seed)
+        tokenizer = common.load_stage_tokenizer(config)
+        with accelerator.main_process_first():  # one split and tokenization, shared by every ensemble member
+            train_data, eval_data = common.prepare_splits(config, tokenizer, prepare)
+        make_plan(len(train_data.dataset), config, accelerator.num_processes)  # a batch too big: before loading
+        run = train_member if config.ensemble == 1 else train_ensemble
+        run(config, tokenizer, train_data, eval_data, accelerator, out.work)
+        out.commit(accelerator)
     accelerator.end_training()
-    return output
+    return out.final

@@ -21,7 +21,8 @@ from posttrain.data.formats import detect_format, require_format, validate_rows
 from posttrain.data.tokenize import tokenize_dataset
 from posttrain.ops.losses import shifted_correct_sum, shifted_nll_sum
 from posttrain.stages import common
-from posttrain.training.loop import Batch, Batches, LossOutput, train
+from posttrain.training.loop import Batch, Batches, LossOutput, make_plan, train
+from posttrain.training.output import claim_output
 
 FORMATS = ("language_modeling", "prompt_completion")
 
@@ -57,18 +58,15 @@ def prepare(rows: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerB
 
 def run_sft(config: SFTConfig) -> Path:
     """Train per ``config``; returns the output directory (a Hugging Face checkpoint)."""
-    common.check_output(config)
     accelerator = common.make_accelerator(config)
-    set_seed(config.seed)
-    tokenizer = common.load_stage_tokenizer(config)
-    with accelerator.main_process_first():  # one process tokenizes, the other reads the cache
-        train_rows, eval_rows = common.load_splits(config)
-        train_data = prepare(train_rows, config.data, tokenizer, config)
-        eval_data = (
-            prepare(eval_rows, config.eval_data or config.data, tokenizer, config) if eval_rows is not None else None
-        )
-    model = common.load_trainable(config)
-    output = common.open_output(config, accelerator)
-    model = train(model, train_data, eval_data, sft_loss, config, accelerator, output)
-    common.save_final(model, tokenizer, output, accelerator)
-    return output
+    with claim_output(config, accelerator) as out:
+        set_seed(config.seed)
+        tokenizer = common.load_stage_tokenizer(config)
+        with accelerator.main_process_first():  # one process tokenizes, the other reads the cache
+            train_data, eval_data = common.prepare_splits(config, tokenizer, prepare)
+        make_plan(len(train_data.dataset), config, accelerator.num_processes)  # a batch too big: before loading
+        model = common.load_trainable(config)
+        model = train(model, train_data, eval_data, sft_loss, config, accelerator, out.work)
+        common.save_final(model, tokenizer, out.work, accelerator)
+        out.commit(accelerator)
+    return out.final

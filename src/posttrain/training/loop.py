@@ -17,6 +17,7 @@ Built on ``accelerate``: one process, DDP (``accelerate launch``), FSDP or DeepS
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -32,8 +33,12 @@ from posttrain.config import TrainConfig
 from posttrain.data.sampler import epoch_batches, micro_batch
 from posttrain.errors import UserError
 from posttrain.training import checkpoint as ckpt
+from posttrain.training.faults import maybe_die
 from posttrain.training.metrics import MetricsLog, truncate_after
 from posttrain.training.optim import build_optimizer, build_scheduler
+from posttrain.training.output import open_output
+
+logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 
@@ -166,36 +171,53 @@ def evaluate(model, data: Batches, loss_fn: LossFn, accelerator: Accelerator, ba
 
 
 def resume_state(output: Path, model, optimizer, scheduler, plan: Plan, accelerator: Accelerator) -> dict:
-    """Load the newest checkpoint; refuse one written for other data or batch sizes. Returns its trainer state."""
-    path = ckpt.latest_checkpoint(output / "checkpoints")
-    if path is None:
-        raise UserError(f"--resume: no checkpoint in {output / 'checkpoints'}")
-    state = ckpt.load_checkpoint(path, model, optimizer, scheduler, accelerator.process_index)
+    """Load the newest readable complete checkpoint; refuse one written for other data or batch sizes.
+
+    Returns its trainer state, or ``{"step": 0}`` (and says so) when OUTPUT has none yet: a run
+    killed before its first checkpoint restarts from the beginning in the same OUTPUT.
+    """
+    directory = output / "checkpoints"
+    state = ckpt.load_newest_readable(directory, model, optimizer, scheduler, accelerator.process_index)
+    if state is None:
+        logger.info("--resume: no complete checkpoint in %s yet; starting from the beginning", directory)
+        return {"step": 0}
     written = {k: state[k] for k in ("global_batch", "steps_per_epoch", "total_steps")}
     if written != plan.__dict__:
-        raise UserError(f"--resume: {path} was written for {written}, this run has {plan.__dict__}")
-    truncate_after(output / "metrics.jsonl", state["step"])
-    truncate_after(output / "samples.jsonl", state["step"])  # RL stages
+        raise UserError(f"--resume: {directory} step {state['step']} was written for {written}, "
+                        f"this run has {plan.__dict__}")  # fmt: skip
+    logger.info("--resume: continuing from step %d", state["step"])
     return state
+
+
+def start_output(config, accelerator: Accelerator, output: Path, start: int, trackers: bool = True) -> None:
+    """Open OUTPUT once every check passed; on resume, forget records and debris past the starting step."""
+    open_output(config, accelerator, output, trackers)
+    if accelerator.is_main_process and config.resume:
+        truncate_after(output / "metrics.jsonl", start)
+        truncate_after(output / "samples.jsonl", start)  # RL stages
+        ckpt.remove_debris(output / "checkpoints")
 
 
 def optimizer_step(model, optimizer, scheduler, micro_batches, loss_fn, accelerator, config, checkpoints: Path):
     """One optimizer step over ``micro_batches``: accumulate, check, clip, step.
 
     Returns (global sums of the step, gradient norm before clipping, learning rate used).
-    A NaN or infinite loss stops the run before the update, naming the last good checkpoint.
+    A NaN or infinite loss or gradient norm stops the run before the update (a non-finite
+    gradient with a finite loss happens: an overflow in backward), naming the last good checkpoint.
     """
     sums = accumulate(model, micro_batches, loss_fn, accelerator)
     loss = sums["loss"] / sums["n_targets"]
-    if not math.isfinite(loss):
-        last = ckpt.latest_checkpoint(checkpoints)
-        raise UserError(f"the loss is {loss}; stopped before the update. Last good checkpoint: {last or 'none'}")
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
+    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            last = ckpt.latest_checkpoint(checkpoints)
+            raise UserError(f"the {name} is {value}; stopped before the update. "
+                            f"Last good checkpoint: {last or 'none'}")  # fmt: skip
     learning_rate = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return sums, float(grad_norm), learning_rate
+    return sums, grad_norm, learning_rate
 
 
 def throughput(window: dict[str, float], steps: int, samples_per_step: int, seconds: float) -> dict[str, float]:
@@ -210,12 +232,17 @@ def train(
     config: TrainConfig,
     accelerator: Accelerator,
     output: Path,
+    trackers: bool = True,
 ) -> torch.nn.Module:
-    """Run the optimisation described in the module docstring; returns the unwrapped model."""
+    """Run the optimisation described in the module docstring; returns the unwrapped model.
+
+    ``output`` is created (with the resolved config) only once the plan and any checkpoint to
+    resume from have been checked."""
     plan = make_plan(len(train_data.dataset), config, accelerator.num_processes)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, plan.total_steps)
     start = resume_state(output, model, optimizer, scheduler, plan, accelerator)["step"] if config.resume else 0
+    start_output(config, accelerator, output, start, trackers)
     model, optimizer = accelerator.prepare(model, optimizer)  # not the scheduler: we step it once per step
     model.train()
     log = MetricsLog(output / "metrics.jsonl", accelerator)
@@ -226,6 +253,7 @@ def train(
         sums, grad_norm, learning_rate = optimizer_step(
             model, optimizer, scheduler, micro_batches, loss_fn, accelerator, config, output / "checkpoints"
         )
+        maybe_die(f"step/{step}")
         add_sums(window, sums)
         window_steps += 1
         bar.update(1)

@@ -29,7 +29,17 @@ from tqdm.auto import tqdm
 from posttrain.data.sampler import epoch_batches, micro_batch
 from posttrain.errors import UserError
 from posttrain.training import checkpoint as ckpt
-from posttrain.training.loop import Batch, Plan, add_sums, optimizer_step, resume_state, to_device, window_record
+from posttrain.training.faults import maybe_die
+from posttrain.training.loop import (
+    Batch,
+    Plan,
+    add_sums,
+    optimizer_step,
+    resume_state,
+    start_output,
+    to_device,
+    window_record,
+)
 from posttrain.training.metrics import MetricsLog
 from posttrain.training.optim import build_optimizer, build_scheduler
 
@@ -117,8 +127,9 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
     if config.resume:
         state = resume_state(output, model, optimizer, scheduler, plan, accelerator)
         start = state["step"]
-        for name, holder in extra_state.items():
+        for name, holder in extra_state.items() if start else ():
             holder.load_state_dict(state["extra"][name])
+    start_output(config, accelerator, output, start)
     model, optimizer = accelerator.prepare(model, optimizer)
     log = MetricsLog(output / "metrics.jsonl", accelerator)
     bar = tqdm(total=plan.total_steps, initial=start, disable=not accelerator.is_main_process, desc="rl")
@@ -141,6 +152,7 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
             sums, grad_norm, lr = optimizer_step(model, optimizer, scheduler, micro, loss_fn, accelerator, config,
                                                  output / "checkpoints")  # fmt: skip
             add_sums(window, sums)
+        maybe_die(f"step/{step}")
         seconds = time.perf_counter() - tick
         record = {"step": step, "episode": step * plan.global_batch * config.num_generations}
         record |= mean_over_processes(experience.metrics, accelerator) | window_record(window)

@@ -1,0 +1,221 @@
+"""A run's OUTPUT directory: claimed by one writer, never lost to ``--overwrite``.
+
+``claim_output`` runs before a stage loads anything heavy and before OUTPUT changes:
+  1. OUTPUT may not be, contain, or lie inside any input of the run (a model, data, reward,
+     config file): ``--output M --overwrite`` with ``--model M`` would delete the model;
+  2. an exclusive OS lock (``flock`` on ``.NAME.lock`` beside OUTPUT) for the life of the
+     process: a second run on the same OUTPUT refuses at once, naming the process that holds
+     it; a killed run's lock dies with it (the kernel releases it), so no lock goes stale;
+  3. the state checks: a non-empty OUTPUT needs ``--resume`` or ``--overwrite``; ``--resume``
+     needs OUTPUT to be a posttrain run (its ``config.yaml``) or to be empty.
+With ``--overwrite`` over a non-empty OUTPUT the run writes into ``.NAME.new`` beside it, and
+``Claim.commit`` swaps it in once the run has finished, so a run that fails leaves the
+previous results exactly as they were. A swap cut short by a kill is completed (or undone)
+by the next claim, under the lock. Only the main process locks and writes; the others get
+its verdict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from posttrain import config as config_io
+from posttrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Fields of a stage config that name inputs (files or directories); a reward spec is parsed apart.
+INPUT_FIELDS = ("model", "ref", "data", "eval_data", "prompts")
+REWARD_FIELDS = ("reward",)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def reward_paths(spec: str) -> list[str]:
+    """The local paths a reward spec (``DIR``, ``file.py:fn``, ``0.5*a + b``) reads; modules are not paths."""
+    paths = []
+    for term in (t.strip() for t in spec.split("+")):
+        source = term.rpartition("*")[2].strip()
+        module, _, _ = source.rpartition(":")
+        paths.append(module if module.endswith(".py") else source)
+    return paths
+
+
+def run_inputs(config) -> list[tuple[str, str]]:
+    """(option, path) of every input a stage config names (model, data, reward, ...)."""
+    named = [(flag(n), getattr(config, n)) for n in INPUT_FIELDS if getattr(config, n, "")]
+    specs = [(flag(n), getattr(config, n)) for n in REWARD_FIELDS if getattr(config, n, "")]
+    return named + [(option, path) for option, spec in specs for path in reward_paths(spec)]
+
+
+def check_not_an_input(output: str, inputs: list[tuple[str, str]]) -> None:
+    """OUTPUT may not be, contain, or lie inside an existing input: --overwrite (or a swap) would destroy it."""
+    target = Path(output).expanduser().resolve()
+    for option, value in inputs:
+        path = Path(value).expanduser()
+        if not path.exists():
+            continue  # a hub id, or a module name
+        path = path.resolve()
+        if target == path or target in path.parents:
+            raise UserError(f"--output {output}: holds {option} {value}; write the run somewhere else")
+        if path.is_dir() and path in target.parents:
+            raise UserError(f"--output {output}: lies inside {option} {value}; write the run somewhere else")
+
+
+def sibling(output: Path, suffix: str) -> Path:
+    """A hidden path beside OUTPUT: ``runs/.sft.lock`` for ``runs/sft``."""
+    return output.parent / f".{output.name}.{suffix}"
+
+
+class Lock:
+    """``flock`` on ``.NAME.lock`` beside OUTPUT, held until ``release`` or the process ends."""
+
+    def __init__(self, output: Path, shown: str) -> None:
+        self.path = sibling(output, "lock")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"--output {shown}: another run is writing to it (process {holder})") from None
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break  # else a run that finished unlinked the file between our open and flock: take the new one
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)  # while still held: the next run re-checks the inode
+        os.close(self.fd)
+
+
+def recover(output: Path) -> None:
+    """Finish or undo a swap that a kill cut short; drop the debris of a killed --overwrite run."""
+    new, old = sibling(output, "new"), sibling(output, "old")
+    if old.exists():
+        if not output.exists() and new.exists():  # killed between the two renames: the new run had finished
+            new.rename(output)
+        if output.exists():
+            shutil.rmtree(old)
+    if new.exists():
+        shutil.rmtree(new)
+
+
+def is_empty(output: Path) -> bool:
+    return not output.exists() or (output.is_dir() and not any(output.iterdir()))
+
+
+def state_problem(output: Path, shown: str, resume: bool, overwrite: bool) -> str | None:
+    """Why this OUTPUT cannot take the run, or None."""
+    if output.exists() and not output.is_dir():
+        return f"--output {shown}: exists and is not a directory"
+    if is_empty(output):
+        return None
+    if resume and not (output / "config.yaml").is_file():
+        return f"--resume: {shown} is not a posttrain run (no config.yaml); not touching it"
+    if not (resume or overwrite):
+        return f"--output {shown}: directory is not empty; pass --overwrite to replace it or --resume"
+    return None
+
+
+@dataclass
+class Claim:
+    """OUTPUT as this run holds it: ``final`` is what the user named, ``work`` where the run writes."""
+
+    final: Path
+    work: Path
+    lock: Lock | None  # None on processes other than the main one
+
+    @property
+    def staged(self) -> bool:
+        return self.work != self.final
+
+    def commit(self, accelerator: Accelerator) -> None:
+        """Make the finished run OUTPUT: swap the staged directory in (old results go only now)."""
+        accelerator.wait_for_everyone()
+        if self.lock is not None and self.staged:
+            old = sibling(self.final, "old")
+            self.final.rename(old)
+            self.work.rename(self.final)
+            shutil.rmtree(old)
+            self.work = self.final
+        accelerator.wait_for_everyone()
+
+
+def _claim_on_main(config, shown: str) -> tuple[Lock, Path]:
+    output = Path(config.output).expanduser().absolute()
+    if not output.name:
+        raise UserError(f"--output {shown}: name a directory")
+    lock = Lock(output, shown)
+    try:
+        recover(output)
+        problem = state_problem(output, shown, config.resume, config.overwrite)
+        if problem:
+            raise UserError(problem)
+    except BaseException:
+        lock.release()
+        raise
+    staged = config.overwrite and not is_empty(output)
+    return lock, sibling(output, "new") if staged else output
+
+
+@contextlib.contextmanager
+def claim_output(config, accelerator: Accelerator) -> Iterator[Claim]:
+    """Check, lock and (for --overwrite) stage OUTPUT for the ``with`` block; see the module docstring.
+
+    On an error inside the block a staged directory is removed (the previous OUTPUT stays as it
+    was); the lock is released on leaving the block either way.
+    """
+    shown = config.output
+    check_not_an_input(config.output, run_inputs(config))
+    verdict: list = [None]
+    lock = None
+    if accelerator.is_main_process:
+        try:
+            lock, work = _claim_on_main(config, shown)
+            verdict = [str(work)]
+        except UserError as err:
+            verdict = [err]
+    broadcast_object_list(verdict)
+    if isinstance(verdict[0], UserError):
+        raise verdict[0]
+    claim = Claim(Path(config.output).expanduser().absolute(), Path(verdict[0]), lock)
+    try:
+        yield claim
+    except BaseException:
+        if lock is not None and claim.staged and claim.work.exists():
+            shutil.rmtree(claim.work)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def open_output(config, accelerator: Accelerator, directory: Path, trackers: bool = True) -> None:
+    """Create the directory the run writes to, save the resolved config there, start trackers.
+
+    Called once every check that can refuse the run has passed, so a refused run changes nothing.
+    """
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        config_io.save(config, directory / "config.yaml")
+    accelerator.wait_for_everyone()
+    if trackers:  # a reward ensemble's directory has none: each member starts its own
+        accelerator.init_trackers(Path(config.output).name, config=dataclasses.asdict(config))
