@@ -191,12 +191,6 @@ def test_existing_output_is_untouched(capsys, tmp_path, tiny_model, good_data):
     assert snapshot(output) == before
 
 
-def test_resume_without_earlier_run(capsys, tmp_path, tiny_model, good_data):
-    output = tmp_path / "out"
-    message = sft_error(capsys, output, "--model", str(tiny_model), "--data", str(good_data), "--resume")
-    assert message == f"--resume: {output} holds no earlier run to resume"
-
-
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
 def test_report_to_missing_tracker(capsys, tmp_path, tiny_model, good_data):
     argv = ["--model", str(tiny_model), "--data", str(good_data), "--report-to", "tensorboard"]
