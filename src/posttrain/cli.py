@@ -11,16 +11,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import datasets
+import transformers
 from accelerate import PartialState
 
 from posttrain import __version__
 from posttrain import config as config_io
-from posttrain.errors import UserError
+from posttrain.errors import UserCodeError, UserError
 from posttrain.stages.dpo import DPOConfig, run_dpo
 from posttrain.stages.grpo import GRPOConfig, RLOOConfig, run_grpo
 from posttrain.stages.ppo import PPOConfig, run_ppo
 from posttrain.stages.rm import RMConfig, run_rm
 from posttrain.stages.sft import SFTConfig, run_sft
+from posttrain.training.output import check_not_an_input
 
 # name -> (config dataclass, run function, one-line description)
 STAGES: dict[str, tuple[type, Callable, str]] = {
@@ -35,7 +38,9 @@ STAGES: dict[str, tuple[type, Callable, str]] = {
 
 def _run_stage(args: argparse.Namespace) -> None:
     config_cls, run_stage, _ = STAGES[args.command]
-    output = run_stage(config_io.resolve(config_cls, args))
+    config = config_io.resolve(config_cls, args)
+    check_not_an_input(config.output, [("--config", args.config)] if args.config else [])
+    output = run_stage(config)
     if PartialState().is_main_process:
         print(f"wrote {output}")
 
@@ -98,8 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """No progress bars from datasets and transformers (mapping, loading and saving): a user error
+    is then the only line on stderr; posttrain's own training bar stays."""
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("posttrain").setLevel(logging.INFO)
     try:
@@ -108,5 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"posttrain {args.command}: error: {err}", file=sys.stderr)
+        if isinstance(err, UserCodeError):  # the user's own code failed: show them where
+            print(err.user_traceback(), end="", file=sys.stderr)
         return err.exit_code
     return 0

@@ -19,38 +19,65 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import reprlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from posttrain.data.collate import pad_batch
 from posttrain.data.preference import prompt_and_answer
-from posttrain.errors import UserError
+from posttrain.errors import UserCodeError, UserError
 from posttrain.models import reward_model as rm
 
 Reward = Callable[[Sequence[Any], Sequence[str]], torch.Tensor]  # -> (N,) float32
 
 
+def describe(error: BaseException) -> str:
+    """``Type: first line of the message``, for a one-line report of someone else's exception."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def load_module(module_name: str) -> ModuleType:
+    """Import ``module_name`` (a ``.py`` path or a dotted name), running the user's module code."""
+    if module_name.endswith(".py"):
+        loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        return module
+    cwd = str(Path.cwd())
+    sys.path.insert(0, cwd)  # like `python -m`: modules beside the user's data, for this import only
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(cwd)  # left in, a stray file here could shadow a library for the whole run
+
+
+def is_missing(error: ModuleNotFoundError, module_name: str) -> bool:
+    """Whether the module (or its package) itself was not found, rather than something it imports."""
+    return error.name is not None and (module_name == error.name or module_name.startswith(f"{error.name}."))
+
+
 def import_function(spec: str) -> Callable:
-    """``module:function`` or ``path/to/file.py:function``; a failure is one clear line."""
+    """``module:function`` or ``path/to/file.py:function``; a failure is one clear line.
+
+    The module's own code failing is the user's bug: ``UserCodeError`` keeps its traceback.
+    """
     module_name, _, name = spec.rpartition(":")
     if not module_name or not name:
         raise UserError(f"--reward {spec}: expected module:function, path/to/file.py:function or a directory")
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        raise UserError(f"--reward {spec}: file {module_name} not found")
     try:
-        if module_name.endswith(".py"):
-            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if loader is None or not Path(module_name).is_file():
-                raise UserError(f"--reward {spec}: file {module_name} not found")
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            sys.path.insert(0, str(Path.cwd()))  # like `python -m`: modules beside the user's data
-            module = importlib.import_module(module_name)
-    except (ImportError, SyntaxError) as err:
-        raise UserError(f"--reward {spec}: cannot import {module_name}: {err}") from err
+        module = load_module(module_name)
+    except Exception as err:  # whatever the user's module code raises
+        if isinstance(err, ModuleNotFoundError) and is_missing(err, module_name):
+            raise UserError(f"--reward {spec}: cannot import {module_name}: {err}") from err
+        raise UserCodeError(f"--reward {spec}: importing {module_name} raised {describe(err)}", err) from err
     function = getattr(module, name, None)
     if not callable(function):
         raise UserError(f"--reward {spec}: {module_name} has no function '{name}'")
@@ -61,8 +88,17 @@ def checked(function: Callable, spec: str) -> Reward:
     """Wrap a user function: its scores must be one finite float per completion."""
 
     def reward(prompts: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
-        scores = function(list(prompts), list(completions))
-        values = torch.as_tensor(scores, dtype=torch.float32).flatten()
+        try:
+            scores = function(list(prompts), list(completions))
+        except Exception as err:  # any exception from the user's function
+            raise UserCodeError(f"--reward {spec}: the reward function raised {describe(err)}", err) from err
+        try:
+            values = torch.as_tensor(scores, dtype=torch.float32).flatten()
+        except (TypeError, ValueError) as err:
+            raise UserError(
+                f"--reward {spec}: expected one number per completion, the function returned "
+                f"{type(scores).__name__} {reprlib.repr(scores)}"
+            ) from err
         if len(values) != len(completions):
             raise UserError(f"--reward {spec}: returned {len(values)} scores for {len(completions)} completions")
         if not torch.isfinite(values).all():
@@ -74,7 +110,7 @@ def checked(function: Callable, spec: str) -> Reward:
 
 def model_reward(directory: str, batch_size: int, device: torch.device) -> Reward:
     """A reward model scoring prompt + completion with its own tokenizer, normalised by its stats."""
-    model, tokenizer, stats = rm.load_reward_model(directory)
+    model, tokenizer, stats = rm.load_reward_model(directory, flag="--reward")
     model.to(device)
 
     @torch.no_grad()

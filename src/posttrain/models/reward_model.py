@@ -28,7 +28,15 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.errors import UserError
-from posttrain.models.loading import MODEL_FILES, TOKENIZER_FILES, check_source, hub_error, is_peft, load_tokenizer
+from posttrain.models.loading import (
+    MODEL_FILES,
+    TOKENIZER_FILES,
+    check_model_dir,
+    check_source,
+    hub_error,
+    is_peft,
+    load_tokenizer,
+)
 
 STATS_FILE = "reward_stats.json"
 ENSEMBLE_FILE = "ensemble.json"
@@ -85,10 +93,10 @@ def load_reward_backbone(
 
     ``flag`` names the option the source came from, for error messages.
     """
-    check_source(source, "model", MODEL_FILES, flag)
+    check_model_dir(source, flag, trust_remote_code)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+            source, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except OSError as err:
         raise hub_error(source, err, flag) from err
@@ -136,7 +144,7 @@ def load_reward_model(
     source = str(directory)
     check_source(source, "model", MODEL_FILES, flag)
     check_source(source, "tokenizer", TOKENIZER_FILES, flag)
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, flag=flag)
     model = load_reward_backbone(source, tokenizer.pad_token_id, trust_remote_code, flag=flag)
     architectures = model.config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):

@@ -27,14 +27,13 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from posttrain.config import TrainConfig
 from posttrain.data.sampler import epoch_batches, micro_batch
 from posttrain.errors import UserError
 from posttrain.training import checkpoint as ckpt
 from posttrain.training.faults import maybe_die
-from posttrain.training.metrics import MetricsLog, truncate_after
+from posttrain.training.metrics import MetricsLog, progress_bar, truncate_after
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.output import open_output
 
@@ -246,33 +245,32 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)  # not the scheduler: we step it once per step
     model.train()
     log = MetricsLog(output / "metrics.jsonl", accelerator)
-    bar = tqdm(total=plan.total_steps, initial=start, disable=not accelerator.is_main_process, desc="training")
-    order, window, window_steps, tick = EpochOrder(train_data, plan, config), {}, 0, time.perf_counter()
-    for step in range(start + 1, plan.total_steps + 1):
-        micro_batches = step_micro_batches(train_data, order.global_batch(step), config, accelerator)
-        sums, grad_norm, learning_rate = optimizer_step(
-            model, optimizer, scheduler, micro_batches, loss_fn, accelerator, config, output / "checkpoints"
-        )
-        maybe_die(f"step/{step}")
-        add_sums(window, sums)
-        window_steps += 1
-        bar.update(1)
-        if step % config.logging_steps == 0 or step == plan.total_steps:
-            now = time.perf_counter()
-            record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **window_record(window)}
-            record |= {"learning_rate": learning_rate, "grad_norm": grad_norm}
-            record |= throughput(window, window_steps, plan.global_batch, now - tick)
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
-            window, window_steps, tick = {}, 0, now
-        if eval_data is not None and config.eval_steps and step % config.eval_steps == 0:
-            log.write({"step": step, **evaluate(model, eval_data, loss_fn, accelerator, config.batch_size)})
-        if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
-            state = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **plan.__dict__}
-            ckpt.save_checkpoint(
-                output / "checkpoints", model, optimizer, scheduler, accelerator, state, config.save_total_limit
+    with progress_bar(plan.total_steps, start, "training", accelerator.is_main_process) as bar:
+        order, window, window_steps, tick = EpochOrder(train_data, plan, config), {}, 0, time.perf_counter()
+        for step in range(start + 1, plan.total_steps + 1):
+            micro_batches = step_micro_batches(train_data, order.global_batch(step), config, accelerator)
+            sums, grad_norm, learning_rate = optimizer_step(
+                model, optimizer, scheduler, micro_batches, loss_fn, accelerator, config, output / "checkpoints"
             )
-    bar.close()
+            maybe_die(f"step/{step}")
+            add_sums(window, sums)
+            window_steps += 1
+            bar.update(1)
+            if step % config.logging_steps == 0 or step == plan.total_steps:
+                now = time.perf_counter()
+                record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **window_record(window)}
+                record |= {"learning_rate": learning_rate, "grad_norm": grad_norm}
+                record |= throughput(window, window_steps, plan.global_batch, now - tick)
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                window, window_steps, tick = {}, 0, now
+            if eval_data is not None and config.eval_steps and step % config.eval_steps == 0:
+                log.write({"step": step, **evaluate(model, eval_data, loss_fn, accelerator, config.batch_size)})
+            if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
+                state = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **plan.__dict__}
+                ckpt.save_checkpoint(
+                    output / "checkpoints", model, optimizer, scheduler, accelerator, state, config.save_total_limit
+                )
     if eval_data is not None and not (config.eval_steps and plan.total_steps % config.eval_steps == 0):
         log.write({"step": plan.total_steps, **evaluate(model, eval_data, loss_fn, accelerator, config.batch_size)})
     return accelerator.unwrap_model(model)

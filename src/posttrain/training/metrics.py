@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from posttrain.errors import UserError
 
@@ -44,3 +47,17 @@ class MetricsLog:
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Iterator[tqdm]:
+    """posttrain's progress bar: shown after its first second (a run that fails at once prints only
+    its error), and erased when the run stops with an error, so the error line stands alone."""
+    bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, delay=1.0)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()

@@ -32,6 +32,7 @@ from accelerate.utils import broadcast_object_list
 
 from posttrain import config as config_io
 from posttrain.errors import UserError
+from posttrain.training.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,9 @@ class Claim:
         accelerator.wait_for_everyone()
 
 
-def _claim_on_main(config, shown: str) -> tuple[Lock, Path]:
+def _claim_on_main(config, shown: str) -> tuple[Lock, Path, str]:
+    """Lock, finish any cut-short swap, check; returns (lock, directory to write, OUTPUT's state: absent,
+    empty or full)."""
     output = Path(config.output).expanduser().absolute()
     if not output.name:
         raise UserError(f"--output {shown}: name a directory")
@@ -172,8 +175,9 @@ def _claim_on_main(config, shown: str) -> tuple[Lock, Path]:
     except BaseException:
         lock.release()
         raise
-    staged = config.overwrite and not is_empty(output)
-    return lock, sibling(output, "new") if staged else output
+    if not is_empty(output):
+        return lock, sibling(output, "new") if config.overwrite else output, "full"
+    return lock, output, "empty" if output.exists() else "absent"
 
 
 @contextlib.contextmanager
@@ -186,10 +190,10 @@ def claim_output(config, accelerator: Accelerator) -> Iterator[Claim]:
     shown = config.output
     check_not_an_input(config.output, run_inputs(config))
     verdict: list = [None]
-    lock = None
+    lock, before = None, "full"
     if accelerator.is_main_process:
         try:
-            lock, work = _claim_on_main(config, shown)
+            lock, work, before = _claim_on_main(config, shown)
             verdict = [str(work)]
         except UserError as err:
             verdict = [err]
@@ -199,13 +203,28 @@ def claim_output(config, accelerator: Accelerator) -> Iterator[Claim]:
     claim = Claim(Path(config.output).expanduser().absolute(), Path(verdict[0]), lock)
     try:
         yield claim
-    except BaseException:
-        if lock is not None and claim.staged and claim.work.exists():
-            shutil.rmtree(claim.work)
+    except BaseException as err:
+        if lock is not None:
+            clean_up_failed(claim, before, isinstance(err, UserError))
         raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def clean_up_failed(claim: Claim, before: str, user_error: bool) -> None:
+    """After a failed run: drop a staged directory (the earlier OUTPUT stays as it was), and the
+    files of a run that a user error stopped before its first checkpoint in an OUTPUT that was
+    empty, so the corrected command runs without --overwrite. A run with a checkpoint stays
+    resumable; a bug keeps its files to look at."""
+    if claim.staged:
+        if claim.work.exists():
+            shutil.rmtree(claim.work)
+    elif before != "full" and user_error and latest_checkpoint(claim.work / "checkpoints") is None:
+        if claim.work.exists():
+            shutil.rmtree(claim.work)
+        if before == "empty":
+            claim.work.mkdir()
 
 
 def open_output(config, accelerator: Accelerator, directory: Path, trackers: bool = True) -> None:

@@ -24,7 +24,6 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from posttrain.data.sampler import epoch_batches, micro_batch
 from posttrain.errors import UserError
@@ -40,7 +39,7 @@ from posttrain.training.loop import (
     to_device,
     window_record,
 )
-from posttrain.training.metrics import MetricsLog
+from posttrain.training.metrics import MetricsLog, progress_bar
 from posttrain.training.optim import build_optimizer, build_scheduler
 
 
@@ -132,45 +131,44 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
     start_output(config, accelerator, output, start)
     model, optimizer = accelerator.prepare(model, optimizer)
     log = MetricsLog(output / "metrics.jsonl", accelerator)
-    bar = tqdm(total=plan.total_steps, initial=start, disable=not accelerator.is_main_process, desc="rl")
-    seed = config.seed if config.data_seed < 0 else config.data_seed
-    lengths, batches, epoch_seen = list(prompts["length"]), [], -1
-    for step in range(start + 1, plan.total_steps + 1):
-        epoch, index = divmod(step - 1, plan.steps_per_epoch)
-        if epoch != epoch_seen:
-            batches, epoch_seen = epoch_batches(lengths, plan.global_batch, seed, epoch), epoch
-        mine = micro_batch(
-            batches[index], 0, accelerator.process_index, accelerator.num_processes, config.rollout_prompts
-        )
-        tick = time.perf_counter()
-        model.eval()
-        experience = make_experience(accelerator.unwrap_model(model), prompts[mine])
-        model.train()
-        rollout_seconds, window = time.perf_counter() - tick, {}
-        for micro in mini_batches(experience, config, config.seed * 100_003 + step):
-            micro = [to_device(b, accelerator.device) for b in micro]
-            sums, grad_norm, lr = optimizer_step(model, optimizer, scheduler, micro, loss_fn, accelerator, config,
-                                                 output / "checkpoints")  # fmt: skip
-            add_sums(window, sums)
-        maybe_die(f"step/{step}")
-        seconds = time.perf_counter() - tick
-        record = {"step": step, "episode": step * plan.global_batch * config.num_generations}
-        record |= mean_over_processes(experience.metrics, accelerator) | window_record(window)
-        record |= {"learning_rate": lr, "grad_norm": grad_norm}
-        record["rollout_tokens_per_second"] = experience.metrics["completions/mean_length"] * len(
-            experience.tensors["n_targets"]) * accelerator.num_processes / rollout_seconds  # fmt: skip
-        record["samples_per_second"] = config.ppo_epochs * plan.global_batch * config.num_generations / (
-            seconds - rollout_seconds)  # fmt: skip
-        bar.update(1)
-        if step % config.logging_steps == 0 or step == plan.total_steps:
-            log.write(record)
-        if step % config.sample_steps == 0 or step == plan.total_steps:
-            write_samples(output / "samples.jsonl", step, experience.samples, accelerator)
-            bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
-        if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
-            state = {"step": step, "epoch": epoch, **plan.__dict__,
-                     "extra": {name: holder.state_dict() for name, holder in extra_state.items()}}  # fmt: skip
-            ckpt.save_checkpoint(output / "checkpoints", model, optimizer, scheduler, accelerator, state,
-                                 config.save_total_limit)  # fmt: skip
-    bar.close()
+    with progress_bar(plan.total_steps, start, "rl", accelerator.is_main_process) as bar:
+        seed = config.seed if config.data_seed < 0 else config.data_seed
+        lengths, batches, epoch_seen = list(prompts["length"]), [], -1
+        for step in range(start + 1, plan.total_steps + 1):
+            epoch, index = divmod(step - 1, plan.steps_per_epoch)
+            if epoch != epoch_seen:
+                batches, epoch_seen = epoch_batches(lengths, plan.global_batch, seed, epoch), epoch
+            mine = micro_batch(
+                batches[index], 0, accelerator.process_index, accelerator.num_processes, config.rollout_prompts
+            )
+            tick = time.perf_counter()
+            model.eval()
+            experience = make_experience(accelerator.unwrap_model(model), prompts[mine])
+            model.train()
+            rollout_seconds, window = time.perf_counter() - tick, {}
+            for micro in mini_batches(experience, config, config.seed * 100_003 + step):
+                micro = [to_device(b, accelerator.device) for b in micro]
+                sums, grad_norm, lr = optimizer_step(model, optimizer, scheduler, micro, loss_fn, accelerator, config,
+                                                     output / "checkpoints")  # fmt: skip
+                add_sums(window, sums)
+            maybe_die(f"step/{step}")
+            seconds = time.perf_counter() - tick
+            record = {"step": step, "episode": step * plan.global_batch * config.num_generations}
+            record |= mean_over_processes(experience.metrics, accelerator) | window_record(window)
+            record |= {"learning_rate": lr, "grad_norm": grad_norm}
+            record["rollout_tokens_per_second"] = experience.metrics["completions/mean_length"] * len(
+                experience.tensors["n_targets"]) * accelerator.num_processes / rollout_seconds  # fmt: skip
+            record["samples_per_second"] = config.ppo_epochs * plan.global_batch * config.num_generations / (
+                seconds - rollout_seconds)  # fmt: skip
+            bar.update(1)
+            if step % config.logging_steps == 0 or step == plan.total_steps:
+                log.write(record)
+            if step % config.sample_steps == 0 or step == plan.total_steps:
+                write_samples(output / "samples.jsonl", step, experience.samples, accelerator)
+                bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
+            if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
+                state = {"step": step, "epoch": epoch, **plan.__dict__,
+                         "extra": {name: holder.state_dict() for name, holder in extra_state.items()}}  # fmt: skip
+                ckpt.save_checkpoint(output / "checkpoints", model, optimizer, scheduler, accelerator, state,
+                                     config.save_total_limit)  # fmt: skip
     return accelerator.unwrap_model(model)

@@ -18,7 +18,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.data.formats import detect_format, validate_rows
+from posttrain.data.formats import DataFormat, validate_rows
 from posttrain.data.tokenize import render_chat
 from posttrain.errors import UserError
 from posttrain.ops.logprobs import token_log_probs
@@ -28,15 +28,17 @@ def tokenize_prompts(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
     """Prompt ids of every row (chat template with the generation prompt for message lists).
 
     Any format with a ``prompt`` column works (prompt-only, prompt-completion, preference);
-    prompts are cut to their last ``max_length`` tokens.
+    prompts are cut to their last ``max_length`` tokens. Every prompt must give at least one
+    token: sampling continues from the prompt's last one.
     """
     if "prompt" not in rows.column_names:
         raise UserError(f"{source}: the RL stages need a 'prompt' column; columns are {rows.column_names}")
-    fmt = detect_format(rows, source)
-    validate_rows(rows.select_columns(["prompt"]), type(fmt)("prompt_only", ("prompt",), fmt.conversational), source)
+    prompts = rows.select_columns(["prompt"])
+    conversational = isinstance(prompts[0]["prompt"], list)  # the prompt's own kind, whatever the other columns
+    validate_rows(prompts, DataFormat("prompt_only", ("prompt",), conversational), source)
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
-        if fmt.conversational:
+        if conversational:
             text = render_chat(tokenizer, row["prompt"], generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
@@ -44,8 +46,11 @@ def tokenize_prompts(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
         ids = ids[-max_length:]
         return {"prompt_ids": ids, "length": len(ids)}
 
-    tokenized = rows.map(encode, desc="tokenizing prompts")
-    return tokenized.select_columns(["prompt", "prompt_ids", "length"])
+    tokenized = prompts.map(encode, desc="tokenizing prompts")
+    empty = next((i for i, n in enumerate(tokenized["length"]) if n == 0), None)
+    if empty is not None:
+        raise UserError(f"{source}: row {empty + 1}: column 'prompt': has no tokens (the tokenizer drops all of it)")
+    return tokenized
 
 
 @dataclass
