@@ -243,6 +243,14 @@ CASES: dict[str, tuple[Callable[[Files], list[str]], list[str]]] = {
     "output holds the data": (lambda f: with_output(sft(f), f.root), ["--output", "holds --data"]),
     "output is a file": (lambda f: with_output(sft(f), f.write("a-file", "x")), ["--output", "not a directory"]),
     "second writer": (lambda f: (sft(f), hold_lock(f)), ["--output", "another run is writing", str(os.getpid())]),
+    "second lab on a directory": (
+        lambda f: (["lab", "--output", str(f.output), "--preset", "smoke"], hold_lock(f)),
+        ["--output", "another run is writing"],
+    ),
+    "lab into a non-lab directory": (
+        lambda f: ["lab", "--output", str(f.output), "--preset", "smoke"],
+        ["--output", "something other than a lab run"],
+    ),
     "resume into a non-run": (
         lambda f: [a for a in sft(f, "--resume") if a != "--overwrite"],
         ["--resume", "not a posttrain run"],

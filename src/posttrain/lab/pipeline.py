@@ -39,6 +39,7 @@ from posttrain.stages.dpo import DPOConfig, run_dpo
 from posttrain.stages.ppo import PPOConfig, run_ppo
 from posttrain.stages.rm import RMConfig, run_rm
 from posttrain.stages.sft import SFTConfig, run_sft
+from posttrain.training.output import Lock
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +352,17 @@ def reuse_shared_steps(source: Path, out: Path, settings: dict[str, Any]) -> Non
 
 
 def run_lab(config: LabConfig) -> Path:
-    """Run (or resume) every step; returns OUTPUT."""
+    """Run (or resume) every step, holding the lock on OUTPUT (one lab run writes to it); returns OUTPUT."""
     preset, out = config.resolved(), Path(config.output)
+    lock = Lock(out.absolute(), config.output)
+    try:
+        run_steps(config, preset, out)
+    finally:
+        lock.release()
+    return out
+
+
+def run_steps(config: LabConfig, preset: Preset, out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / "lab.json").is_file():
         raise UserError(f"--output {out}: holds something other than a lab run; choose an empty or new directory")
     settings = lab_settings(config)
@@ -380,7 +390,6 @@ def run_lab(config: LabConfig) -> Path:
     run_step("evaluate", lambda d: evaluation.evaluate(d, models, held_out, lab.world, config.seed))
     write_summary(out, config)
     write_report(out)
-    return out
 
 
 def gold_arc(trajectory: list[dict]) -> dict[str, float]:
