@@ -4,8 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Tests never touch the network: tiny models and data are built inside them.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Tests run with the CPU kernels pinned to AVX2 (MKL's conditional numerical reproducibility,
+# ATen's and oneDNN's dispatch), so that AVX-512 hosts pick the same kernels as AVX2 ones and the
+# lab's end-to-end trajectories do not depend on the host kind. Same speed on AVX2 hosts.
+PORTABLE := MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+# Two pytest workers of one thread each: tiny-model tests are bound by Python overhead, and results
+# do not depend on the thread count. The lab's end-to-end runs then get both cores to themselves.
+PYTEST := $(OFFLINE) $(PORTABLE) $(BIN)/python -m pytest -q -p no:cacheprovider
+LAB_E2E := tests/test_lab_end_to_end.py
+# pytest exits 5 when it collects no test: that is a failure too.
+NO_TESTS := if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; [ $$rc -eq 0 ] || exit $$rc
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 
 $(BIN)/posttrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +32,14 @@ setup: $(BIN)/posttrain
 demo: setup
 	$(OFFLINE) $(BIN)/posttrain lab --output runs/lab
 
-# pytest exits 5 when it collects no test: that is a failure too.
+# Every test, slow ones too: first all but the lab's end-to-end runs on two workers, then those.
 test: setup
-	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
+	OMP_NUM_THREADS=1 $(PYTEST) -n 2 --ignore=$(LAB_E2E); rc=$$?; $(NO_TESTS)
+	$(PYTEST) $(LAB_E2E); rc=$$?; $(NO_TESTS)
+
+# The fast tier: no end-to-end runs, no subprocesses (tests marked slow are left out).
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PYTEST) -n 2 -m "not slow"; rc=$$?; $(NO_TESTS)
 
 lint: setup
 	$(BIN)/ruff check src tests bench

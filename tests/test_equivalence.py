@@ -4,6 +4,7 @@ packed vs unpacked, resumed vs uninterrupted, 2 processes vs 1."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,11 +105,13 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tmp_path):
+def test_two_processes_match_one_and_resume_exactly(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(64))
-    common = ["--max-steps", "6", "--save-steps", "0", "--grad-accum", "2"]
+    common = ["--max-steps", "6", "--grad-accum", "2"]
     one = subprocess.run(
-        sft_args(tiny_model, data, tmp_path / "one", *common, "--batch-size", "4"), env=ENV, capture_output=True
+        sft_args(tiny_model, data, tmp_path / "one", *common, "--batch-size", "4", "--save-steps", "0"),
+        env=ENV,
+        capture_output=True,
     )
     assert one.returncode == 0, one.stderr.decode()[-2000:]
     # accelerate's --cpu flag starts one process; --multi_gpu starts two, which posttrain runs on the CPU
@@ -116,11 +119,28 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model, tmp_path
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain", "sft",
     ]  # fmt: skip
-    two_args = sft_args(tiny_model, data, tmp_path / "two", *common, "--batch-size", "2")[len(cli()) :]
-    two = subprocess.run(launch + two_args, env=ENV, capture_output=True)
-    assert two.returncode == 0, two.stderr.decode()[-2000:]
+
+    def two_processes(output: Path, *extra: str) -> None:
+        argv = sft_args(tiny_model, data, output, *common, "--batch-size", "2", "--save-steps", "3", *extra)
+        run = subprocess.run(launch + argv[len(cli()) :], env=ENV, capture_output=True)
+        assert run.returncode == 0, run.stderr.decode()[-2000:]
+
+    two_processes(tmp_path / "two")
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
     losses = [[line for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert len(losses[0]) == len(losses[1])
+    # the main process wrote the checkpoint alone, with both processes' RNG states
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-00000003"
+    assert {"rng-0.json", "rng-1.json", "rng-0.safetensors", "rng-1.safetensors"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    # resumed from that checkpoint with two processes: the same weights, bit for bit
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "two", cut)
+    (cut / "model.safetensors").unlink()
+    two_processes(cut, "--resume")
+    resumed = load_file(cut / "model.safetensors")
+    for name in b:
+        assert torch.equal(b[name], resumed[name]), name

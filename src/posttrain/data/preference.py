@@ -9,7 +9,6 @@ rejected, so both go through the model in one forward pass.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import datasets
@@ -17,29 +16,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.collate import pad_batch
-from posttrain.data.formats import DataFormat
-from posttrain.data.tokenize import tokenize_row
+from posttrain.data.formats import DataFormat, split_implicit_prompt
+from posttrain.data.tokenize import row_context, tokenize_row
 from posttrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PROMPT_COMPLETION = {True: DataFormat("prompt_completion", ("prompt", "completion"), True),
                      False: DataFormat("prompt_completion", ("prompt", "completion"), False)}  # fmt: skip
-
-
-def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
-    """(prompt, chosen, rejected) from answers that share their prompt as a common prefix.
-
-    Conversations: the longest run of identical leading messages. Strings: the longest
-    common character prefix (TRL's ``extract_prompt``).
-    """
-    if isinstance(chosen, list):
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        return chosen[:n], chosen[n:], rejected[n:]
-    n = len(os.path.commonprefix([chosen, rejected]))  # noqa: RUF071 -- character-wise on purpose, as TRL
-    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def prompt_and_answer(prompt: Any, answer: Any, conversational: bool, tokenizer) -> tuple[list[int], list[int]]:
@@ -80,13 +64,14 @@ def tokenize_preferences(
     source: str,
 ) -> datasets.Dataset:
     """Tokenize paired or unpaired preference rows; skip identical pairs; fit ``max_length``."""
-    encode = ENCODERS[fmt.name]
-    tokenized = dataset.map(
-        lambda row, i: {**encode(row, fmt, tokenizer), "row": i + 1},  # 1-based, for messages
-        with_indices=True,
-        remove_columns=dataset.column_names,
-        desc="tokenizing",
-    )
+    encoder = ENCODERS[fmt.name]
+
+    def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
+        with row_context(source, index):
+            return {**encoder(row, fmt, tokenizer), "row": index + 1}  # 1-based, for messages
+
+    rows = dataset.select_columns(list(fmt.columns))  # only these: another named like an output ("length") clashes
+    tokenized = rows.map(encode, with_indices=True, remove_columns=rows.column_names, desc="tokenizing")
     if fmt.name == "preference":
         tokenized = _skip_identical(tokenized, source)
     return _fit_length(tokenized, ANSWERS[fmt.name], max_length, truncation, source)

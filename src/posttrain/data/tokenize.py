@@ -11,7 +11,9 @@ pad token equals EOS: masks come from here, never from comparing ids with ``pad_
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import datasets
@@ -30,6 +32,19 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], genera
     if tokenizer.chat_template is None:
         raise UserError("conversational data needs a tokenizer with a chat template, and this one has none")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+@contextlib.contextmanager
+def row_context(source: str, index: int) -> Iterator[None]:
+    """Prefix the file and the row (1-based) to a UserError raised while tokenizing row ``index``.
+
+    Errors from the chat template are found row by row inside ``datasets.map``, where the
+    functions that raise them know neither.
+    """
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{source}: row {index + 1}: {err}") from err
 
 
 def tokenize_segments(tokenizer: PreTrainedTokenizerBase, segments: Segments, add_special: bool) -> dict[str, list]:
@@ -119,14 +134,16 @@ def tokenize_dataset(
 ) -> datasets.Dataset:
     """Tokenize every row (cached Arrow, memory-mapped), then truncate or drop long ones."""
 
-    def encode(row: dict[str, Any]) -> dict[str, Any]:
-        example = tokenize_row(row, fmt, tokenizer)
+    def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
+        with row_context(source, index):
+            example = tokenize_row(row, fmt, tokenizer)
         if not completion_only_loss:
             example["completion_mask"] = [1] * len(example["input_ids"])
         example["length"] = len(example["input_ids"])
         return example
 
-    tokenized = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenizing")
+    rows = dataset.select_columns(list(fmt.columns))  # only these: another named like an output ("length") clashes
+    tokenized = rows.map(encode, with_indices=True, remove_columns=rows.column_names, desc="tokenizing")
     too_long = sum(1 for n in tokenized["length"] if n > max_length)
     if too_long and truncation == "drop":
         tokenized = tokenized.filter(lambda n: n <= max_length, input_columns="length")

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.formats import DataFormat, validate_rows
-from posttrain.data.tokenize import render_chat
+from posttrain.data.tokenize import render_chat, row_context
 from posttrain.errors import UserError
 from posttrain.ops.logprobs import token_log_probs
 
@@ -37,16 +37,17 @@ def tokenize_prompts(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
     conversational = isinstance(prompts[0]["prompt"], list)  # the prompt's own kind, whatever the other columns
     validate_rows(prompts, DataFormat("prompt_only", ("prompt",), conversational), source)
 
-    def encode(row: dict[str, Any]) -> dict[str, Any]:
+    def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
         if conversational:
-            text = render_chat(tokenizer, row["prompt"], generation_prompt=True)
+            with row_context(source, index):
+                text = render_chat(tokenizer, row["prompt"], generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(row["prompt"])["input_ids"]
         ids = ids[-max_length:]
         return {"prompt_ids": ids, "length": len(ids)}
 
-    tokenized = prompts.map(encode, desc="tokenizing prompts")
+    tokenized = prompts.map(encode, with_indices=True, desc="tokenizing prompts")
     empty = next((i for i, n in enumerate(tokenized["length"]) if n == 0), None)
     if empty is not None:
         raise UserError(f"{source}: row {empty + 1}: column 'prompt': has no tokens (the tokenizer drops all of it)")
