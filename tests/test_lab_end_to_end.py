@@ -1,8 +1,12 @@
-"""The lab end to end on the quick preset, two seeds: the directions it must show.
+"""The lab end to end on the quick preset: the directions it must show.
 
-Each seed runs with the biased annotator pool, then with the careful pool reusing the biased
+The seed runs with the biased annotator pool, then with the careful pool reusing the biased
 run's data, base and SFT steps (``--reuse``). The thresholds are directions with a margin, not
-tuned values: each one fails if the effect it names is absent.
+tuned values: each one fails if the effect it names is absent. Each margin is at most about half
+the smallest effect measured over seeds 0 and 1 on a 2-core AVX2 host (docs/lab.md), and the
+comparisons use means over a quarter of the PPO iterations rather than the noisy peak of a window.
+One seed: each costs about 9 minutes of the suite's 20 on the slow hosts. ``make test`` pins the
+CPU kernels to AVX2 so that AVX-512 hosts run the same trajectories.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import pytest
 
 from posttrain.cli import main
 
-SEEDS = (0, 1)
+SEEDS = (0,)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +83,11 @@ def test_ppo_hacks_the_biased_reward_model(summaries, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_careful_annotators_do_not_teach_hacking(summaries, seed):
     careful, biased = summaries[seed, "careful"], summaries[seed, "biased"]
-    fall = {
-        name: s["ppo"]["gold_arc"]["peak"] - s["ppo"]["gold_arc"]["end"] for name, s in (("c", careful), ("b", biased))
-    }
-    invent = {n: quarters(s, "hallucination_unknowable")[1] - quarters(s, "hallucination_unknowable")[0]
-              for n, s in (("c", careful), ("b", biased))}  # fmt: skip
+    gold = {name: quarters(s, "gold") for name, s in (("c", careful), ("b", biased))}
+    invent = {name: quarters(s, "hallucination_unknowable") for name, s in (("c", careful), ("b", biased))}
+    change = {name: end - start for name, (start, end) in gold.items()}
     assert careful["ppo"]["gold_arc"]["end"] >= careful["ppo"]["gold_arc"]["start"] - 0.05  # about SFT's or better
-    assert fall["c"] <= fall["b"] - 0.08  # the truth suffers less from the peak on
-    assert invent["c"] <= invent["b"] - 0.2  # and invention grows far less, if at all
+    # the truth fares better over PPO (measured: 0.083 and 0.175 more on seeds 0 and 1)
+    assert change["c"] >= change["b"] + 0.04
+    # and invention grows far less, if at all (measured: 0.31 and 0.25 less)
+    assert invent["c"][1] - invent["c"][0] <= invent["b"][1] - invent["b"][0] - 0.15
