@@ -143,12 +143,29 @@ def ensemble_reward(directory: str, how: str, lam: float, batch_size: int, devic
     return reward
 
 
+def spec_terms(spec: str) -> list[tuple[str, str, str]]:
+    """The ``(term, weight, source)`` of each ``+``-separated term of a reward spec (weight "1" when none)."""
+    terms = []
+    for term in (t.strip() for t in spec.split("+")):
+        weight, _, source = term.rpartition("*") if "*" in term else ("1", "", term)
+        terms.append((term, weight, source.strip()))
+    return terms
+
+
+def spec_paths(spec: str) -> list[str]:
+    """The local paths a reward spec may read: directories and ``file.py`` (not ``module`` names)."""
+    paths = []
+    for _, _, source in spec_terms(spec):
+        module = source.rpartition(":")[0]
+        paths.append(module if module.endswith(".py") else source)
+    return paths
+
+
 def parse_reward(spec: str, batch_size: int = 16, device: torch.device | str = "cpu",
                  ensemble_aggregate: str = "mean", ensemble_lambda: float = 1.0) -> Reward:  # fmt: skip
     """Build the reward a ``--reward`` spec describes (see the module docstring)."""
     terms = []
-    for term in (t.strip() for t in spec.split("+")):
-        weight, _, source = term.rpartition("*") if "*" in term else ("1", "", term)
+    for term, weight, source in spec_terms(spec):
         try:
             factor = float(weight)
         except ValueError:

@@ -188,9 +188,9 @@ def resume_state(output: Path, model, optimizer, scheduler, plan: Plan, accelera
     return state
 
 
-def start_output(config, accelerator: Accelerator, output: Path, start: int, trackers: bool = True) -> None:
+def start_output(config, accelerator: Accelerator, output: Path, start: int) -> None:
     """Open OUTPUT once every check passed; on resume, forget records and debris past the starting step."""
-    open_output(config, accelerator, output, trackers)
+    open_output(config, accelerator, output)
     if accelerator.is_main_process and config.resume:
         truncate_after(output / "metrics.jsonl", start)
         truncate_after(output / "samples.jsonl", start)  # RL stages
@@ -231,7 +231,6 @@ def train(
     config: TrainConfig,
     accelerator: Accelerator,
     output: Path,
-    trackers: bool = True,
 ) -> torch.nn.Module:
     """Run the optimisation described in the module docstring; returns the unwrapped model.
 
@@ -241,7 +240,7 @@ def train(
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, plan.total_steps)
     start = resume_state(output, model, optimizer, scheduler, plan, accelerator)["step"] if config.resume else 0
-    start_output(config, accelerator, output, start, trackers)
+    start_output(config, accelerator, output, start)
     model, optimizer = accelerator.prepare(model, optimizer)  # not the scheduler: we step it once per step
     model.train()
     log = MetricsLog(output / "metrics.jsonl", accelerator)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -32,34 +31,20 @@ from accelerate.utils import broadcast_object_list
 
 from posttrain import config as config_io
 from posttrain.errors import UserError
+from posttrain.rewards import spec_paths
 from posttrain.training.checkpoint import latest_checkpoint
 
-log = logging.getLogger(__name__)
-
-# Fields of a stage config that name inputs (files or directories); a reward spec is parsed apart.
+# Fields of a stage config that name inputs (files or directories); ``reward`` is a spec of several.
 INPUT_FIELDS = ("model", "ref", "data", "eval_data", "prompts")
-REWARD_FIELDS = ("reward",)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def reward_paths(spec: str) -> list[str]:
-    """The local paths a reward spec (``DIR``, ``file.py:fn``, ``0.5*a + b``) reads; modules are not paths."""
-    paths = []
-    for term in (t.strip() for t in spec.split("+")):
-        source = term.rpartition("*")[2].strip()
-        module, _, _ = source.rpartition(":")
-        paths.append(module if module.endswith(".py") else source)
-    return paths
 
 
 def run_inputs(config) -> list[tuple[str, str]]:
     """(option, path) of every input a stage config names (model, data, reward, ...)."""
-    named = [(flag(n), getattr(config, n)) for n in INPUT_FIELDS if getattr(config, n, "")]
-    specs = [(flag(n), getattr(config, n)) for n in REWARD_FIELDS if getattr(config, n, "")]
-    return named + [(option, path) for option, spec in specs for path in reward_paths(spec)]
+    fields = {f.name for f in dataclasses.fields(config)}
+    named = [(config_io.flag(n), getattr(config, n)) for n in INPUT_FIELDS if n in fields and getattr(config, n)]
+    if "reward" in fields and config.reward:
+        named += [("--reward", path) for path in spec_paths(config.reward)]
+    return named
 
 
 def check_not_an_input(output: str, inputs: list[tuple[str, str]]) -> None:
