@@ -6,6 +6,7 @@ Bad input ends with one line on stderr and exit code 2; ``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable
@@ -35,6 +36,14 @@ STAGES: dict[str, tuple[type, Callable, str]] = {
     "rloo": (RLOOConfig, run_grpo, "critic-free RL with the leave-one-out baseline (RLOO)"),
 }
 
+# Instruments: name -> (module, one-line description). Each module has ``add_arguments(parser)``
+# and ``run(args)``; its heavy imports stay inside ``run``, so ``posttrain --help`` stays fast.
+INSTRUMENTS: dict[str, tuple[str, str]] = {
+    "bon": ("posttrain.instruments.bon", "best-of-n: proxy and gold reward against KL_bon, from one set of samples"),
+    "eval": ("posttrain.instruments.evaluate", "accuracy, abstention, hallucination and calibration of models"),
+    "report": ("posttrain.instruments.report", "one HTML page for one or several runs posttrain wrote"),
+}
+
 
 def _run_stage(args: argparse.Namespace) -> None:
     config_cls, run_stage, _ = STAGES[args.command]
@@ -43,6 +52,10 @@ def _run_stage(args: argparse.Namespace) -> None:
     output = run_stage(config)
     if PartialState().is_main_process:
         print(f"wrote {output}")
+
+
+def _run_instrument(args: argparse.Namespace) -> None:
+    importlib.import_module(INSTRUMENTS[args.command][0]).run(args)
 
 
 def _import_gguf(args: argparse.Namespace) -> None:
@@ -78,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=description, description=description, parents=[debug])
         config_io.add_arguments(sub, config_cls)
         sub.set_defaults(handler=_run_stage)
+    for name, (module, description) in INSTRUMENTS.items():
+        sub = commands.add_parser(name, help=description, description=description, parents=[debug])
+        importlib.import_module(module).add_arguments(sub)
+        sub.set_defaults(handler=_run_instrument)
     gguf = commands.add_parser(
         "import-gguf", parents=[debug], help="convert a GGUF file into a trainable Hugging Face checkpoint"
     )

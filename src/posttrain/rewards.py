@@ -62,55 +62,55 @@ def is_missing(error: ModuleNotFoundError, module_name: str) -> bool:
     return error.name is not None and (module_name == error.name or module_name.startswith(f"{error.name}."))
 
 
-def import_function(spec: str) -> Callable:
+def import_function(spec: str, flag: str = "--reward") -> Callable:
     """``module:function`` or ``path/to/file.py:function``; a failure is one clear line.
 
     The module's own code failing is the user's bug: ``UserCodeError`` keeps its traceback.
     """
     module_name, _, name = spec.rpartition(":")
     if not module_name or not name:
-        raise UserError(f"--reward {spec}: expected module:function, path/to/file.py:function or a directory")
+        raise UserError(f"{flag} {spec}: expected module:function, path/to/file.py:function or a directory")
     if module_name.endswith(".py") and not Path(module_name).is_file():
-        raise UserError(f"--reward {spec}: file {module_name} not found")
+        raise UserError(f"{flag} {spec}: file {module_name} not found")
     try:
         module = load_module(module_name)
     except Exception as err:  # whatever the user's module code raises
         if isinstance(err, ModuleNotFoundError) and is_missing(err, module_name):
-            raise UserError(f"--reward {spec}: cannot import {module_name}: {err}") from err
-        raise UserCodeError(f"--reward {spec}: importing {module_name} raised {describe(err)}", err) from err
+            raise UserError(f"{flag} {spec}: cannot import {module_name}: {err}") from err
+        raise UserCodeError(f"{flag} {spec}: importing {module_name} raised {describe(err)}", err) from err
     function = getattr(module, name, None)
     if not callable(function):
-        raise UserError(f"--reward {spec}: {module_name} has no function '{name}'")
+        raise UserError(f"{flag} {spec}: {module_name} has no function '{name}'")
     return function
 
 
-def checked(function: Callable, spec: str) -> Reward:
+def checked(function: Callable, spec: str, flag: str = "--reward") -> Reward:
     """Wrap a user function: its scores must be one finite float per completion."""
 
     def reward(prompts: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
         try:
             scores = function(list(prompts), list(completions))
         except Exception as err:  # any exception from the user's function
-            raise UserCodeError(f"--reward {spec}: the reward function raised {describe(err)}", err) from err
+            raise UserCodeError(f"{flag} {spec}: the reward function raised {describe(err)}", err) from err
         try:
             values = torch.as_tensor(scores, dtype=torch.float32).flatten()
         except (TypeError, ValueError) as err:
             raise UserError(
-                f"--reward {spec}: expected one number per completion, the function returned "
+                f"{flag} {spec}: expected one number per completion, the function returned "
                 f"{type(scores).__name__} {reprlib.repr(scores)}"
             ) from err
         if len(values) != len(completions):
-            raise UserError(f"--reward {spec}: returned {len(values)} scores for {len(completions)} completions")
+            raise UserError(f"{flag} {spec}: returned {len(values)} scores for {len(completions)} completions")
         if not torch.isfinite(values).all():
-            raise UserError(f"--reward {spec}: returned a NaN or infinite score ({values.tolist()[:8]})")
+            raise UserError(f"{flag} {spec}: returned a NaN or infinite score ({values.tolist()[:8]})")
         return values
 
     return reward
 
 
-def model_reward(directory: str, batch_size: int, device: torch.device) -> Reward:
+def model_reward(directory: str, batch_size: int, device: torch.device, flag: str = "--reward") -> Reward:
     """A reward model scoring prompt + completion with its own tokenizer, normalised by its stats."""
-    model, tokenizer, stats = rm.load_reward_model(directory, flag="--reward")
+    model, tokenizer, stats = rm.load_reward_model(directory, flag=flag)
     model.to(device)
 
     @torch.no_grad()
@@ -133,9 +133,11 @@ def model_reward(directory: str, batch_size: int, device: torch.device) -> Rewar
     return reward
 
 
-def ensemble_reward(directory: str, how: str, lam: float, batch_size: int, device: torch.device) -> Reward:
+def ensemble_reward(
+    directory: str, how: str, lam: float, batch_size: int, device: torch.device, flag: str = "--reward"
+) -> Reward:
     """Each member scores (normalised by its own stats); ``rm.aggregate`` combines them."""
-    members = [model_reward(str(m), batch_size, device) for m in rm.ensemble_members(directory)]
+    members = [model_reward(str(m), batch_size, device, flag) for m in rm.ensemble_members(directory, flag)]
 
     def reward(prompts: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
         return rm.aggregate(torch.stack([m(prompts, completions) for m in members]), how, lam)
@@ -161,22 +163,23 @@ def spec_paths(spec: str) -> list[str]:
     return paths
 
 
-def parse_reward(spec: str, batch_size: int = 16, device: torch.device | str = "cpu",
-                 ensemble_aggregate: str = "mean", ensemble_lambda: float = 1.0) -> Reward:  # fmt: skip
-    """Build the reward a ``--reward`` spec describes (see the module docstring)."""
+def parse_reward(spec: str, batch_size: int = 16, device: torch.device | str = "cpu", ensemble_aggregate: str = "mean",
+                 ensemble_lambda: float = 1.0, flag: str = "--reward") -> Reward:  # fmt: skip
+    """Build the reward a spec describes (see the module docstring); errors name ``flag``."""
     terms = []
     for term, weight, source in spec_terms(spec):
         try:
             factor = float(weight)
         except ValueError:
-            raise UserError(f"--reward {spec}: weight '{weight}' of '{term}' is not a number") from None
+            raise UserError(f"{flag} {spec}: weight '{weight}' of '{term}' is not a number") from None
         path = Path(source).expanduser()
         if (path / "ensemble.json").is_file():
-            terms.append((factor, ensemble_reward(source, ensemble_aggregate, ensemble_lambda, batch_size, device)))
+            ensemble = ensemble_reward(source, ensemble_aggregate, ensemble_lambda, batch_size, device, flag)
+            terms.append((factor, ensemble))
         elif path.is_dir():
-            terms.append((factor, model_reward(source, batch_size, device)))
+            terms.append((factor, model_reward(source, batch_size, device, flag)))
         else:
-            terms.append((factor, checked(import_function(source), source)))
+            terms.append((factor, checked(import_function(source, flag), source, flag)))
     if len(terms) == 1 and math.isclose(terms[0][0], 1.0):
         return terms[0][1]
     return lambda prompts, completions: sum(w * r(prompts, completions) for w, r in terms)

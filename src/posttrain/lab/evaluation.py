@@ -91,10 +91,9 @@ def model_metrics(questions: list[world.Question], judged: list[gold.Judgement])
 
 
 def rollout_metrics(judged: list[tuple[world.Question, gold.Judgement]]) -> dict[str, float | None]:
-    """One PPO iteration's rollouts, judged: gold reward, hallucination rate (all; unknowable
-    questions) and abstention on known questions (None where the iteration asked none of that kind)."""
+    """One PPO iteration's rollouts, judged: hallucination rate (all; unknowable questions) and
+    abstention on known questions (None where the iteration asked none of that kind)."""
     return {
-        "gold": sum(gold.gold_reward(j) for _, j in judged) / len(judged),
         "hallucination_rate": share(judged, "hallucinated", None),
         "hallucination_unknowable": share(judged, "hallucinated", False),
         "abstain_known": share(judged, "abstained", True),

@@ -271,12 +271,38 @@ def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, lab: Lab, co
     return evaluation.reward_model_accuracy(out, held_out, lab.by_text(), lab.world)
 
 
+GOLD_MODULE = '''"""The lab's gold judge as a reward function, for any RL stage: --gold-reward THIS_FILE:gold"""
+
+from pathlib import Path
+
+from posttrain.lab.pipeline import gold_reward_of
+
+gold = gold_reward_of(Path(__file__).resolve().parent.parent)
+'''
+
+
+def gold_reward_of(run: Path):
+    """The gold reward of the lab run in ``run`` (its world, from lab.json): ``f(prompts, completions) -> floats``."""
+    settings = json.loads((run / "lab.json").read_text())
+    lab = make_lab(Preset(**settings["preset_values"]), settings["seed"])
+    by_text = lab.by_text()
+
+    def reward(prompts: list[list[dict]], completions: list[str]) -> list[float]:
+        questions = [by_text[p[0]["content"]] for p in prompts]
+        return [gold.gold_reward(gold.judge(q, c, lab.world)) for q, c in zip(questions, completions, strict=True)]
+
+    return reward
+
+
 def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, lab: Lab, config: LabConfig) -> dict:
-    """PPO against the reward model; every rollout is written to samples.jsonl and scored by the gold judge."""
+    """PPO against the reward model, watched by the gold judge (--gold-reward): every rollout is
+    scored by it and written to samples.jsonl; the over-optimisation detector follows it."""
+    (data / "gold.py").write_text(GOLD_MODULE)
     stage = PPOConfig(
         model=str(sft),
         prompts=str(data / "prompts.jsonl"),
         reward=str(rm),
+        gold_reward=f"{data / 'gold.py'}:gold",
         output=str(out),
         max_steps=preset.ppo_steps,
         rollout_prompts=preset.ppo_rollout_prompts,
@@ -293,21 +319,23 @@ def ppo(out: Path, sft: Path, rm: Path, data: Path, preset: Preset, lab: Lab, co
         overwrite=True,
     )
     run_ppo(validated(stage))
-    return {"trajectory": gold_trajectory(out, lab)}
+    overoptimisation = json.loads((out / "overoptimisation.json").read_text())
+    return {"trajectory": gold_trajectory(out, lab), "overoptimisation": overoptimisation}
 
 
 def gold_trajectory(run: Path, lab: Lab) -> list[dict[str, float]]:
-    """Per PPO iteration: the proxy score and KL, and, from the gold judge of its rollouts, the gold
-    reward, the hallucination rate (all answers; unknowable questions) and abstention on known questions."""
+    """Per PPO iteration: the proxy score, the KL and its root, the gold reward (the run's own
+    ``objective/gold``), and from the gold judge's labels of its rollouts the hallucination rate
+    (all answers; unknowable questions) and abstention on known questions."""
     by_text = lab.by_text()
     metrics = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     steps: dict[int, list[tuple[world.Question, gold.Judgement]]] = {}
     for row in map(json.loads, (run / "samples.jsonl").read_text().splitlines()):
         question = by_text[row["prompt"][0]["content"]]
         steps.setdefault(row["step"], []).append((question, gold.judge(question, row["completion"], lab.world)))
+    keys = {"proxy": "objective/scores", "kl": "objective/kl", "sqrt_kl": "objective/sqrt_kl", "gold": "objective/gold"}
     return [
-        {"step": step, "proxy": metrics[step]["objective/scores"], "kl": metrics[step]["objective/kl"]}
-        | evaluation.rollout_metrics(judged)
+        {"step": step} | {name: metrics[step][key] for name, key in keys.items()} | evaluation.rollout_metrics(judged)
         for step, judged in sorted(steps.items())
     ]
 
@@ -413,7 +441,11 @@ def write_summary(out: Path, config: LabConfig) -> None:
         "models": record("evaluate")["models"],
         "annotators": record("preferences"),
         "reward_model": record("rm"),
-        "ppo": {"trajectory": trajectory, "gold_arc": gold_arc(trajectory)},
+        "ppo": {
+            "trajectory": trajectory,
+            "gold_arc": gold_arc(trajectory),
+            "overoptimisation": record("ppo")["overoptimisation"],
+        },
         "seconds": {name: record(name)["seconds"] for name in STEPS},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

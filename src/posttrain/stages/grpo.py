@@ -24,11 +24,13 @@ from posttrain.stages import common
 from posttrain.stages.rl_common import (
     RLConfig,
     completion_metrics,
+    decode,
     reference_log_probs,
     sample_rows,
     score,
     set_up,
 )
+from posttrain.stages.rl_monitor import RLMonitor
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.output import claim_output
 from posttrain.training.rl_loop import Experience, run_rl
@@ -66,7 +68,8 @@ def make_experience(model, rows, *, tokenizer, reward, reference, config: GRPOCo
     rollout = sample(model, [p for p in rows["prompt_ids"] for _ in range(k)], tokenizer, config)
     old_logps = batched_log_probs(model, rollout, config.temperature, config.batch_size)
     ref_logps = reference_log_probs(reference, rollout, config)
-    scores = score(reward, prompts, rollout, tokenizer, config)
+    completions = decode(rollout, tokenizer)
+    scores = score(reward, prompts, completions, rollout, config)
     advantages = ADVANTAGES[config.advantage](scores, k, config)  # (N,)
     mask = rollout.response_mask
     kl_total = (rl.kl_k1(old_logps, ref_logps) * mask).sum(-1)
@@ -81,7 +84,8 @@ def make_experience(model, rows, *, tokenizer, reward, reference, config: GRPOCo
                "old_logprobs": old_logps, "ref_logprobs": ref_logps,
                "advantages": advantages[:, None].expand_as(old_logps).contiguous(),
                "n_targets": mask.sum(-1), "n_tokens": rollout.attention.sum(-1)}  # fmt: skip
-    return Experience(tensors, metrics, sample_rows(prompts, rollout, scores, tokenizer, config.samples_per_log))
+    samples = sample_rows(prompts, completions, scores, config.samples_per_log)
+    return Experience(tensors, metrics, samples, prompts, completions, scores)
 
 
 def group_loss(model, batch: Batch, *, config: GRPOConfig) -> LossOutput:
@@ -104,8 +108,9 @@ def run_grpo(config: GRPOConfig) -> Path:
         s = set_up(config, accelerator)
         experience = functools.partial(make_experience, tokenizer=s.tokenizer, reward=s.reward,
                                        reference=s.reference, config=config)  # fmt: skip
+        monitor = RLMonitor(config, s, out.work, policy_of=lambda model: model)
         policy = run_rl(s.policy, s.prompts, experience, functools.partial(group_loss, config=config), config,
-                        accelerator, out.work, {})  # fmt: skip
+                        accelerator, out.work, {}, monitor)  # fmt: skip
         common.save_final(policy, s.tokenizer, out.work, accelerator)
         out.commit(accelerator)
     return out.final

@@ -29,11 +29,13 @@ from posttrain.stages import common
 from posttrain.stages.rl_common import (
     RLConfig,
     completion_metrics,
+    decode,
     reference_log_probs,
     sample_rows,
     score,
     set_up,
 )
+from posttrain.stages.rl_monitor import RLMonitor
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.output import claim_output
 from posttrain.training.rl_loop import Experience, run_rl
@@ -128,7 +130,8 @@ def make_experience(model, rows, *, tokenizer, reward, reference, controller, co
     rollout = sample(model.policy, rows["prompt_ids"], tokenizer, config)
     old_logps, values, entropy = evaluate_rollout(model, rollout, config)
     ref_logps = reference_log_probs(reference, rollout, config)
-    scores = score(reward, rows["prompt"], rollout, tokenizer, config)
+    completions = decode(rollout, tokenizer)
+    scores = score(reward, rows["prompt"], completions, rollout, config)
     mask = rollout.response_mask
     kl = rl.kl_k1(old_logps, ref_logps) * mask  # (N, R)
     beta = controller.value
@@ -154,7 +157,8 @@ def make_experience(model, rows, *, tokenizer, reward, reference, controller, co
                "advantages": advantages, "returns": returns, "n_targets": mask.sum(-1),
                "kl_coef": torch.full((n,), beta),  # the β this rollout was made with, for the k3 loss too
                "n_tokens": rollout.attention.sum(-1)}  # fmt: skip
-    return Experience(tensors, metrics, sample_rows(rows["prompt"], rollout, scores, tokenizer, config.samples_per_log))
+    samples = sample_rows(rows["prompt"], completions, scores, config.samples_per_log)
+    return Experience(tensors, metrics, samples, rows["prompt"], completions, scores)
 
 
 def ppo_loss(model, batch: Batch, *, config: PPOConfig) -> LossOutput:
@@ -186,8 +190,9 @@ def run_ppo(config: PPOConfig) -> Path:
         experience = functools.partial(make_experience, tokenizer=s.tokenizer, reward=s.reward,
                                        reference=s.reference, controller=controller, config=config)  # fmt: skip
         loss = functools.partial(ppo_loss, config=config)
+        monitor = RLMonitor(config, s, out.work, policy_of=lambda model: model.policy)
         model = run_rl(model, s.prompts, experience, loss, config, accelerator, out.work,
-                       {"kl_controller": controller})  # fmt: skip
+                       {"kl_controller": controller}, monitor)  # fmt: skip
         common.save_final(model.policy, s.tokenizer, out.work, accelerator)
         out.commit(accelerator)
     return out.final

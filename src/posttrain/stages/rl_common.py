@@ -11,7 +11,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase
 
-from posttrain.config import TrainConfig, option, require
+from posttrain.config import TrainConfig, flag, option, require
+from posttrain.data.loading import load_rows
 from posttrain.errors import UserError
 from posttrain.models.loading import load_model
 from posttrain.models.reference import Reference
@@ -45,6 +46,15 @@ class RLConfig(TrainConfig):
         "mean", "how an ensemble combines members: mean, min, mean − λ·std, or uwo: mean − λ·variance"
     )
     ensemble_lambda: float = option(1.0, "λ of mean_minus_std and uwo")
+    gold_reward: str = option("", "a trusted reward that only measures, never trains: --reward's grammar")
+    gold_every: int = option(1, "score rollouts with --gold-reward every N iterations (the first and last always)")
+    eval_prompts: str = option("", "held-out prompts, sampled every --eval-steps iterations, scored by proxy and gold")
+    stop_on_overoptimisation: bool = option(
+        False, "end the run when the gold reward falls while the proxy keeps rising (needs --gold-reward)"
+    )
+    onset_window: int = option(5, "gold-scored iterations averaged by the over-optimisation detector")
+    onset_z: float = option(3.0, "how many noise standard errors the smoothed gold must fall below its best")
+    kl_budget: float = option(0.0, "warn when the KL to the reference passes N nats per completion (0: no budget)")
     save_steps: int = option(50, "write a resumable checkpoint every N iterations (0: only at the end)")
     logging_steps: int = option(1, "write metrics every N iterations")
     sample_steps: int = option(10, "write sample completions to OUTPUT/samples.jsonl every N iterations")
@@ -62,7 +72,14 @@ class RLConfig(TrainConfig):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.eval_data or self.eval_split:
-            raise UserError("the RL stages do not evaluate on held-out prompts; drop --eval-data / --eval-split")
+            raise UserError("the RL stages take held-out prompts with --eval-prompts, not --eval-data / --eval-split")
+        if self.stop_on_overoptimisation and not self.gold_reward:
+            raise UserError("--stop-on-overoptimisation needs --gold-reward: without a gold reward nothing tells "
+                            "over-optimisation from progress")  # fmt: skip
+        for name in ("gold_every", "onset_window"):
+            require(self, name, getattr(self, name) >= 1, "at least 1")
+        require(self, "onset_z", self.onset_z > 0, "positive")
+        require(self, "kl_budget", self.kl_budget >= 0, "non-negative")
         for name in ("temperature", "cliprange", "reward_clip"):
             require(self, name, getattr(self, name) > 0, "positive")
         for name in ("kl_coef", "ensemble_lambda"):
@@ -76,26 +93,32 @@ class RLSetup:
     tokenizer: PreTrainedTokenizerBase
     prompts: Any  # tokenized prompts (datasets.Dataset)
     reward: Reward
+    gold: Reward | None  # --gold-reward: scores rollouts, never enters the update
+    eval_prompts: Any  # --eval-prompts, tokenized (datasets.Dataset), or None
     policy: Any
     reference: Reference
 
 
 def set_up(config: RLConfig, accelerator: Accelerator) -> RLSetup:
-    """In order: seed, tokenizer, prompts, reward, policy, reference."""
+    """In order: seed, tokenizer, prompts, held-out prompts, reward, gold reward, policy, reference."""
     set_seed(config.seed)
     tokenizer = common.load_stage_tokenizer(config)
     prompts = load_prompts(config, tokenizer, accelerator)
     rl_plan(len(prompts), config, accelerator.num_processes)  # too few prompts or a bad batch: before loading
     updates_per_iteration(config, config.rollout_prompts * config.num_generations)
+    held_out = load_prompts(config, tokenizer, accelerator, config.eval_prompts) if config.eval_prompts else None
     reward = load_rl_reward(config, accelerator)
+    gold = load_rl_reward(config, accelerator, "gold_reward") if config.gold_reward else None
     policy = common.load_trainable(config)
-    return RLSetup(accelerator, tokenizer, prompts, reward, policy, load_rl_reference(config, policy, accelerator))
+    reference = load_rl_reference(config, policy, accelerator)
+    return RLSetup(accelerator, tokenizer, prompts, reward, gold, held_out, policy, reference)
 
 
-def load_prompts(config: RLConfig, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator):
+def load_prompts(config: RLConfig, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator, source: str = ""):
+    """The training prompts (``--prompts``/``--data``), or the prompts of the file ``source``, tokenized."""
     with accelerator.main_process_first():
-        rows, _ = common.load_splits(config)
-        return tokenize_prompts(rows, tokenizer, config.max_length, config.data)
+        rows = load_rows(source, "train") if source else common.load_splits(config)[0]
+        return tokenize_prompts(rows, tokenizer, config.max_length, source or config.data)
 
 
 def load_rl_reference(config: RLConfig, policy, accelerator: Accelerator) -> Reference:
@@ -114,27 +137,29 @@ def reference_log_probs(reference: Reference, rollout: Rollout, config: RLConfig
         return batched_log_probs(reference.model, rollout, config.temperature, config.batch_size)
 
 
-def load_rl_reward(config: RLConfig, accelerator: Accelerator) -> Reward:
-    return parse_reward(config.reward, config.batch_size, accelerator.device,
-                        config.ensemble_aggregate, config.ensemble_lambda)  # fmt: skip
+def load_rl_reward(config: RLConfig, accelerator: Accelerator, name: str = "reward") -> Reward:
+    """The reward a spec option (``reward`` or ``gold_reward``) names; its errors name that option."""
+    return parse_reward(getattr(config, name), config.batch_size, accelerator.device, config.ensemble_aggregate,
+                        config.ensemble_lambda, flag(name))  # fmt: skip
 
 
-def score(reward: Reward, prompts: list[Any], rollout: Rollout, tokenizer, config: RLConfig) -> torch.Tensor:
-    """Reward of each completion, minus the missing-EOS penalty, clipped. (N,)"""
+def decode(rollout: Rollout, tokenizer) -> list[str]:
+    """Each response up to its first EOS, as text (special tokens dropped): what every reward reads."""
     kept = [row[mask.bool()] for row, mask in zip(rollout.responses, rollout.response_mask, strict=True)]
-    texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
-    scores = reward(prompts, texts).to(rollout.sequences.device)
+    return tokenizer.batch_decode(kept, skip_special_tokens=True)
+
+
+def score(reward: Reward, prompts: list[Any], completions: list[str], rollout: Rollout, config: RLConfig):
+    """Reward of each completion, minus the missing-EOS penalty, clipped. (N,)"""
+    scores = reward(prompts, completions).to(rollout.sequences.device)
     scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
     return scores.clamp(-config.reward_clip, config.reward_clip)
 
 
-def sample_rows(prompts: list[Any], rollout: Rollout, scores: torch.Tensor, tokenizer, count: int) -> list[dict]:
+def sample_rows(prompts: list[Any], completions: list[str], scores: torch.Tensor, count: int) -> list[dict]:
     """The first ``count`` (prompt, completion, score) rows of a rollout, for OUTPUT/samples.jsonl."""
-    rows = []
-    for i in range(min(count, len(prompts))):
-        completion = tokenizer.decode(rollout.responses[i][rollout.response_mask[i].bool()], skip_special_tokens=True)
-        rows.append({"prompt": prompts[i], "completion": completion, "score": scores[i].item()})
-    return rows
+    rows = zip(prompts[:count], completions[:count], scores[:count].tolist(), strict=True)
+    return [{"prompt": p, "completion": c, "score": x} for p, c, x in rows]
 
 
 def completion_metrics(rollout: Rollout, scores: torch.Tensor) -> dict[str, float]:

@@ -34,16 +34,17 @@ from posttrain.errors import UserError
 from posttrain.rewards import spec_paths
 from posttrain.training.checkpoint import latest_checkpoint
 
-# Fields of a stage config that name inputs (files or directories); ``reward`` is a spec of several.
-INPUT_FIELDS = ("model", "ref", "data", "eval_data", "prompts")
+# Fields of a stage config that name inputs (files or directories); ``reward`` and ``gold_reward`` are specs.
+INPUT_FIELDS = ("model", "ref", "data", "eval_data", "prompts", "eval_prompts")
 
 
 def run_inputs(config) -> list[tuple[str, str]]:
     """(option, path) of every input a stage config names (model, data, reward, ...)."""
     fields = {f.name for f in dataclasses.fields(config)}
     named = [(config_io.flag(n), getattr(config, n)) for n in INPUT_FIELDS if n in fields and getattr(config, n)]
-    if "reward" in fields and config.reward:
-        named += [("--reward", path) for path in spec_paths(config.reward)]
+    for name in ("reward", "gold_reward"):
+        if name in fields and getattr(config, name):
+            named += [(config_io.flag(name), path) for path in spec_paths(getattr(config, name))]
     return named
 
 

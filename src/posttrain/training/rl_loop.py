@@ -15,6 +15,7 @@ Each iteration (one "step" for logging, checkpoints and ``--max-steps``):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from posttrain.training.loop import (
 from posttrain.training.metrics import MetricsLog, progress_bar
 from posttrain.training.optim import build_optimizer, build_scheduler
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Experience:
@@ -50,6 +53,9 @@ class Experience:
     tensors: dict[str, torch.Tensor]  # must hold "n_targets" (N,) and "n_tokens" (N,) per sample
     metrics: dict[str, float]
     samples: list[dict[str, Any]]  # a few (prompt, completion, score) rows for OUTPUT/samples.jsonl
+    prompts: list[Any]  # the N prompts (each repeated per completion), as in the data
+    completions: list[str]  # the N completions, decoded as the reward read them
+    scores: torch.Tensor  # (N,) the proxy reward's score of each completion (after penalty and clipping)
 
 
 MakeExperience = Callable[[torch.nn.Module, dict[str, list]], Experience]
@@ -114,14 +120,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, loss_fn, config,
-           accelerator: Accelerator, output: Path, extra_state: dict[str, Any]) -> torch.nn.Module:  # fmt: skip
-    """Run the RL iterations described in the module docstring; returns the unwrapped model."""
+def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, loss_fn, config, accelerator: Accelerator,
+           output: Path, extra_state: dict[str, Any], monitor) -> torch.nn.Module:  # fmt: skip
+    """Run the RL iterations described in the module docstring; returns the unwrapped model.
+
+    ``monitor`` (``posttrain.stages.rl_monitor.RLMonitor``) watches each rollout before the update
+    and samples held-out prompts; it may end the run early (``--stop-on-overoptimisation``)."""
     plan = rl_plan(len(prompts), config, accelerator.num_processes)
     disable_dropout(model)
     updates = updates_per_iteration(config, config.rollout_prompts * config.num_generations)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, plan.total_steps * updates)
+    extra_state = extra_state | {"monitor": monitor}
     start = 0
     if config.resume:
         state = resume_state(output, model, optimizer, scheduler, plan, accelerator)
@@ -131,6 +141,8 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
     start_output(config, accelerator, output, start)
     model, optimizer = accelerator.prepare(model, optimizer)
     log = MetricsLog(output / "metrics.jsonl", accelerator)
+    if start == 0 and monitor.eval_due(0, last=False):
+        log.write({"step": 0} | monitor.evaluate(accelerator.unwrap_model(model)))
     with progress_bar(plan.total_steps, start, "rl", accelerator.is_main_process) as bar:
         seed = config.seed if config.data_seed < 0 else config.data_seed
         lengths, batches, epoch_seen = list(prompts["length"]), [], -1
@@ -141,34 +153,58 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
             mine = micro_batch(
                 batches[index], 0, accelerator.process_index, accelerator.num_processes, config.rollout_prompts
             )
-            tick = time.perf_counter()
+            tick, last = time.perf_counter(), step == plan.total_steps
             model.eval()
             experience = make_experience(accelerator.unwrap_model(model), prompts[mine])
+            rollout_seconds = time.perf_counter() - tick
+            watched = monitor.observe(step, experience, accelerator.unwrap_model(model), last)
             model.train()
-            rollout_seconds, window = time.perf_counter() - tick, {}
-            for micro in mini_batches(experience, config, config.seed * 100_003 + step):
-                micro = [to_device(b, accelerator.device) for b in micro]
-                sums, grad_norm, lr = optimizer_step(model, optimizer, scheduler, micro, loss_fn, accelerator, config,
-                                                     output / "checkpoints")  # fmt: skip
-                add_sums(window, sums)
+            window = update(model, optimizer, scheduler, experience, loss_fn, accelerator, config, output, step)
             maybe_die(f"step/{step}")
-            seconds = time.perf_counter() - tick
-            record = {"step": step, "episode": step * plan.global_batch * config.num_generations}
-            record |= mean_over_processes(experience.metrics, accelerator) | window_record(window)
-            record |= {"learning_rate": lr, "grad_norm": grad_norm}
-            record["rollout_tokens_per_second"] = experience.metrics["completions/mean_length"] * len(
-                experience.tensors["n_targets"]) * accelerator.num_processes / rollout_seconds  # fmt: skip
-            record["samples_per_second"] = config.ppo_epochs * plan.global_batch * config.num_generations / (
-                seconds - rollout_seconds)  # fmt: skip
+            record = iteration_record(step, plan, experience, window, rollout_seconds, tick, accelerator, config)
+            record |= watched
+            if monitor.eval_due(step, last or monitor.stop):
+                record |= monitor.evaluate(accelerator.unwrap_model(model))
             bar.update(1)
-            if step % config.logging_steps == 0 or step == plan.total_steps:
+            if step % config.logging_steps == 0 or last or monitor.stop:
                 log.write(record)
-            if step % config.sample_steps == 0 or step == plan.total_steps:
+            if step % config.sample_steps == 0 or last or monitor.stop:
                 write_samples(output / "samples.jsonl", step, experience.samples, accelerator)
                 bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
-            if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
+            if monitor.stop:
+                logger.info("--stop-on-overoptimisation: stopping after iteration %d", step)
+                break
+            if config.save_steps and step % config.save_steps == 0 and not last:
                 state = {"step": step, "epoch": epoch, **plan.__dict__,
                          "extra": {name: holder.state_dict() for name, holder in extra_state.items()}}  # fmt: skip
                 ckpt.save_checkpoint(output / "checkpoints", model, optimizer, scheduler, accelerator, state,
                                      config.save_total_limit)  # fmt: skip
+    monitor.finish()
     return accelerator.unwrap_model(model)
+
+
+def update(model, optimizer, scheduler, experience: Experience, loss_fn, accelerator: Accelerator, config,
+           output: Path, step: int) -> dict[str, float]:  # fmt: skip
+    """``ppo_epochs`` passes over the experience, one optimizer step per mini-batch; the summed metrics
+    of all of them, and the last step's gradient norm and learning rate."""
+    window: dict[str, float] = {}
+    for micro in mini_batches(experience, config, config.seed * 100_003 + step):
+        micro = [to_device(b, accelerator.device) for b in micro]
+        sums, grad_norm, learning_rate = optimizer_step(model, optimizer, scheduler, micro, loss_fn, accelerator,
+                                                        config, output / "checkpoints")  # fmt: skip
+        add_sums(window, sums)
+    return window | {"grad_norm": grad_norm, "learning_rate": learning_rate}
+
+
+def iteration_record(step: int, plan: Plan, experience: Experience, window: dict[str, float], rollout_seconds: float,
+                     tick: float, accelerator: Accelerator, config) -> dict[str, float]:  # fmt: skip
+    """The iteration's metrics: the rollout's (mean over processes), the updates' and the throughput."""
+    grad_norm, learning_rate = window.pop("grad_norm"), window.pop("learning_rate")
+    seconds = time.perf_counter() - tick
+    record = {"step": step, "episode": step * plan.global_batch * config.num_generations}
+    record |= mean_over_processes(experience.metrics, accelerator) | window_record(window)
+    record |= {"learning_rate": learning_rate, "grad_norm": grad_norm}
+    samples = len(experience.tensors["n_targets"]) * accelerator.num_processes
+    record["rollout_tokens_per_second"] = experience.metrics["completions/mean_length"] * samples / rollout_seconds
+    record["samples_per_second"] = config.ppo_epochs * samples / (seconds - rollout_seconds)
+    return record
