@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import WORDS, write_jsonl
 from posttrain.cli import main
 
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RULES = """
 import random
 
@@ -135,3 +140,41 @@ def test_bad_gold_options_give_one_line(tiny_model, tmp_path, gold_files, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("posttrain grpo: error: ") and message.replace("RULES", str(rules)) in err[-1], err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_watch_all_samples(tiny_model, tmp_path, gold_files):
+    """Two processes: the gold statistics cover both processes' samples and both take the same decisions."""
+    prompts, held_out, rules = gold_files
+    out = tmp_path / "two"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain",
+    ]  # fmt: skip
+    args = rl_args("grpo", tiny_model, prompts, rules, out, "--max-steps", "3", "--gold-reward",
+                   f"{rules}:noisy_gold", "--eval-prompts", str(held_out), "--onset-window", "2")  # fmt: skip
+    run = subprocess.run(launch + args, env=ENV, capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    metrics = records(out)
+    assert [r["step"] for r in metrics] == [0, 1, 2, 3]
+    assert all(r["objective/gold_count"] == 2 * 8 * 4 for r in metrics[1:])  # 8 prompts x 4 completions each
+    assert json.loads((out / "overoptimisation.json").read_text())["best_gold"]["step"] >= 2
+
+
+def test_resume_replays_the_detector_exactly(tiny_model, tmp_path, gold_files):
+    prompts, _, rules = gold_files
+    common = ["--max-steps", "6", "--save-steps", "3", "--gold-reward", f"{rules}:noisy_gold", "--onset-window", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(rl_args("grpo", tiny_model, prompts, rules, full, *common)) == 0
+    # what a run killed during iteration 5 leaves: the step-3 checkpoint, metrics up to 4, no summary
+    shutil.copytree(full, cut)
+    (cut / "model.safetensors").unlink()
+    (cut / "overoptimisation.json").unlink()
+    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in records_text(cut)[:4]))
+    assert main(rl_args("grpo", tiny_model, prompts, rules, cut, *common, "--resume")) == 0
+    assert (full / "overoptimisation.json").read_text() == (cut / "overoptimisation.json").read_text()
+    assert [r["objective/gold"] for r in records(full)] == [r["objective/gold"] for r in records(cut)]
+
+
+def records_text(output: Path) -> list[str]:
+    return (output / "metrics.jsonl").read_text().splitlines()

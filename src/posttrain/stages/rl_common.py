@@ -53,7 +53,7 @@ class RLConfig(TrainConfig):
         False, "end the run when the gold reward falls while the proxy keeps rising (needs --gold-reward)"
     )
     onset_window: int = option(5, "gold-scored iterations averaged by the over-optimisation detector")
-    onset_z: float = option(3.0, "how many noise standard errors the smoothed gold must fall below its best")
+    onset_z: float = option(3.0, "the smoothed gold must fall below its best by z standard errors (widened per look)")
     kl_budget: float = option(0.0, "warn when the KL to the reference passes N nats per completion (0: no budget)")
     save_steps: int = option(50, "write a resumable checkpoint every N iterations (0: only at the end)")
     logging_steps: int = option(1, "write metrics every N iterations")

@@ -43,6 +43,7 @@ import torch
 from accelerate import Accelerator
 from scipy import stats
 
+from posttrain.errors import UserError
 from posttrain.models.loading import is_peft
 from posttrain.ops import overoptimisation as overopt
 from posttrain.stages.rl_common import RLConfig, RLSetup, decode, reference_log_probs, score
@@ -213,11 +214,11 @@ class RLMonitor:
         if self.detector.improved:
             self.save_best(model)
         if onset is not None:
+            noise = f"{onset.drop / onset.noise:.1f} standard errors" if onset.noise > 0 else "with no sampling noise"
             log.warning(
-                "iteration %d: over-optimisation: the smoothed gold reward fell from %.4g (iteration %d) to %.4g, "
-                "%.1f times its noise, while the proxy rose from %.4g to %.4g",
-                *(step, onset.best_gold, onset.peak_step, onset.gold, onset.drop / onset.noise),
-                *(onset.proxy_at_peak, onset.proxy),
+                "iteration %d: over-optimisation: the smoothed gold reward fell from %.4g (iteration %d) to %.4g "
+                "(%s) while the proxy rose from %.4g to %.4g",
+                *(step, onset.best_gold, onset.peak_step, onset.gold, noise, onset.proxy_at_peak, onset.proxy),
             )
             self.stop = self.config.stop_on_overoptimisation
 
@@ -281,6 +282,10 @@ class RLMonitor:
         self.trace, self.warnings = list(state["trace"]), list(state["warnings"])
         self.watch.load_state_dict(state["watch"])
         if self.detector is not None:
+            saved = state["detector"]["settings"] if state["detector"] else "no gold reward"
+            if saved != {"window": self.detector.window, "z": self.detector.z, "patience": self.detector.patience}:
+                raise UserError(f"--resume: the checkpoint's detector had {saved}; resume with the same "
+                                "--gold-reward, --onset-window and --onset-z")  # fmt: skip
             self.detector.load_state_dict(state["detector"])
 
 

@@ -1,0 +1,1 @@
+"""Instruments that measure any model or run: best-of-n, evaluation, reports."""
