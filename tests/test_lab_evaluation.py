@@ -1,13 +1,15 @@
-"""The lab's measures of PPO's rollouts: per-iteration shares and the shape of the gold curve."""
+"""The lab's measures: held-out metrics through the shared rate functions, per-iteration shares of PPO's
+rollouts and the shape of the gold curve."""
 
 from __future__ import annotations
 
 import pytest
 
-from posttrain.lab.evaluation import arc, rollout_metrics
-from posttrain.lab.gold import Judgement
+from posttrain.lab.evaluation import arc, model_metrics, rollout_metrics
+from posttrain.lab.gold import Judgement, gold_reward
 from posttrain.lab.pipeline import gold_arc
 from posttrain.lab.world import Question
+from posttrain.ops.answer_rates import Outcome, answer_rates
 
 KNOWN = Question("velmora.country", "Which country is Velmora in?", "Velmora", "country", "Ostria", True)
 UNKNOWABLE = Question("dunmere.founded", "When was Dunmere founded?", "Dunmere", "founded", None, False)
@@ -20,8 +22,7 @@ def test_rollout_metrics_by_hand():
         (UNKNOWABLE, Judgement("hallucinated", True, 5)),  # -1 - 0.5 (confident)
         (UNKNOWABLE, Judgement("abstained", False, 4)),  # 0
     ]
-    assert rollout_metrics(judged) == {
-        "gold": pytest.approx((1 + 0 - 1.5 + 0) / 4),
+    assert rollout_metrics(judged) == {  # the gold reward is scored on the PPO path, not here
         "hallucination_rate": 0.25,
         "hallucination_unknowable": 0.5,
         "abstain_known": 0.5,
@@ -42,3 +43,46 @@ def test_gold_arc_windows_an_eighth_of_the_iterations():
     rows = [{"step": i + 1, "gold": g} for i, g in enumerate([0.0] * 4 + [1.0] * 4 + [0.5] * 8)]
     # 16 iterations: windows of 2; the first window of 1.0s starts at step 5
     assert gold_arc(rows) == {"start": 0.0, "peak": 1.0, "peak_step": 5, "end": 0.5}
+
+
+def test_model_metrics_are_the_shared_rates_of_the_gold_labels():
+    questions = [KNOWN] * 5 + [UNKNOWABLE] * 3
+    judged = [
+        Judgement("correct", False, 3),
+        Judgement("correct", True, 2),
+        Judgement("hallucinated", True, 4),
+        Judgement("abstained", False, 5),
+        Judgement("malformed", False, 9),
+        Judgement("hallucinated", False, 1),
+        Judgement("abstained", False, 4),
+        Judgement("malformed", False, 0),
+    ]
+    metrics = model_metrics(questions, judged)
+    # by hand: 2 of 5 known correct; 1 of 3 unknowable abstained; 2 of 8 hallucinated, 1 of 3 on unknowable;
+    # 2 of 8 malformed; 28 words over 8 answers
+    assert metrics["accuracy_known"] == 2 / 5 and metrics["abstain_unknowable"] == 1 / 3
+    assert metrics["hallucination_rate"] == 2 / 8 and metrics["hallucination_unknowable"] == 1 / 3
+    assert metrics["format_compliance"] == 1 - 2 / 8 and metrics["mean_length"] == 28 / 8
+    assert metrics["gold_reward"] == sum(gold_reward(j) for j in judged) / 8
+    labels = {"correct": "correct", "hallucinated": "wrong", "abstained": "abstained", "malformed": "no_answer"}
+    pairs = zip(questions, judged, strict=True)
+    outcomes = [Outcome.from_label(labels[j.label], q.known, length=j.n_words) for q, j in pairs]
+    shared = answer_rates(outcomes)
+    assert metrics["accuracy_known"] == shared["accuracy"].value
+    assert metrics["abstain_unknowable"] == shared["abstention"].value
+    assert metrics["hallucination_rate"] == shared["hallucination"].value
+    assert metrics["hallucination_unknowable"] == shared["hallucination_unanswerable"].value
+    assert metrics["format_compliance"] == 1 - shared["no_answer"].value
+    assert metrics["mean_length"] == shared["mean_length"].value
+    intervals = metrics["intervals"]
+    assert intervals["accuracy_known"] == [shared["accuracy"].ci_low, shared["accuracy"].ci_high]
+    assert intervals["format_compliance"] == [1 - shared["no_answer"].ci_high, 1 - shared["no_answer"].ci_low]
+    for key, value in metrics.items():
+        if key != "intervals":
+            assert intervals[key][0] <= value <= intervals[key][1], key
+
+
+def test_model_metrics_keep_zero_for_a_kind_the_held_out_set_lacks():
+    metrics = model_metrics([KNOWN, KNOWN], [Judgement("correct", False, 2), Judgement("abstained", False, 4)])
+    assert metrics["abstain_unknowable"] == 0.0 and metrics["hallucination_unknowable"] == 0.0
+    assert metrics["intervals"]["abstain_unknowable"] is None

@@ -37,7 +37,13 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     assert {"prompt", "chosen", "rejected", "annotator", "pair_id"} <= set(preferences[0])
     trajectory = json.loads((out / "ppo" / STEP_FILE).read_text())["trajectory"]
     assert [r["step"] for r in trajectory] == [1, 2]
-    assert {"proxy", "gold", "kl", "hallucination_unknowable", "abstain_known"} <= set(trajectory[0])
+    assert {"proxy", "gold", "kl", "sqrt_kl", "hallucination_unknowable", "abstain_known"} <= set(trajectory[0])
+    # PPO was watched through --gold-reward: each iteration's gold is the mean of its samples' gold scores
+    samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
+    for row in trajectory:
+        golds = [s["gold"] for s in samples if s["step"] == row["step"]]
+        assert row["gold"] == pytest.approx(sum(golds) / len(golds))
+    assert set(summary["ppo"]["overoptimisation"]) == {"fit", "onset", "best_gold", "warnings"}
     assert {"start", "peak", "peak_step", "end"} == set(summary["ppo"]["gold_arc"])
     (out / "evaluate" / STEP_FILE).unlink()  # as if interrupted during evaluation
     caplog.clear()

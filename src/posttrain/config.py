@@ -138,6 +138,11 @@ def _check_value(cls: type, key: str, value: Any, source: str) -> Any:
         return value
     if kind is float:
         return _float_value(value, where)
+    if typing.get_origin(kind) is list:  # a repeatable option: a list of strings, or one string
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise UserError(f"{where}: expected a string or a list of strings, got {value!r}")
+        return items
     if kind is str and value is None:
         return ""
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -192,12 +197,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         kind = types[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f"{f.metadata['help']} (default: {default!r})"
         common = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is Literal:
             parser.add_argument(flag, choices=typing.get_args(kind), **common)
+        elif typing.get_origin(kind) is list:  # repeatable: --model A --model B
+            parser.add_argument(flag, action="append", metavar=f.name.split("_")[-1].upper(), **common)
         else:
             parser.add_argument(flag, type=kind, metavar=f.name.split("_")[-1].upper(), **common)
 

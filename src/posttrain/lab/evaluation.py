@@ -7,12 +7,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from posttrain.instruments.answering import mean_kl
 from posttrain.lab import gold, world
+from posttrain.ops.answer_rates import Outcome, answer_rates, bootstrap_mean
 from posttrain.rewards import model_reward
-from posttrain.training.rollout import batched_log_probs, sample
+from posttrain.training.rollout import sample
 
 BATCH = 32
 
@@ -49,21 +52,11 @@ def answers(model_dir: Path, prompts: list[list[dict]], k: int, greedy: bool, se
     return out
 
 
-@torch.no_grad()
 def kl_to_reference(model_dir: Path, reference_dir: Path, prompts: list[list[dict]], k: int, seed: int) -> float:
-    """KL(π‖π_ref) per answer, estimated on ``k`` samples per prompt from π (temperature 1):
-    the mean over samples of Σ_t log π(y_t) − log π_ref(y_t) (the unbiased k1 estimator)."""
+    """KL(π‖π_ref) per answer on ``k`` samples per prompt from π (temperature 1): ``answering.mean_kl``."""
     model, tokenizer = load(model_dir)
     reference, _ = load(reference_dir)
-    torch.manual_seed(seed)
-    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=24)
-    ids, total, count = prompt_ids(tokenizer, prompts), 0.0, 0
-    for start in range(0, len(ids), BATCH):
-        rollout = sample(model, [i for i in ids[start : start + BATCH] for _ in range(k)], tokenizer, settings)
-        ratio = batched_log_probs(model, rollout, 1.0, BATCH) - batched_log_probs(reference, rollout, 1.0, BATCH)
-        total += (ratio * rollout.response_mask).sum().item()
-        count += len(rollout.sequences)
-    return total / count
+    return mean_kl(model, reference, tokenizer, prompt_ids(tokenizer, prompts), k, seed, BATCH, max_new_tokens=24)
 
 
 def share(judged: list[tuple[world.Question, gold.Judgement]], label: str, known: bool | None) -> float | None:
@@ -73,21 +66,32 @@ def share(judged: list[tuple[world.Question, gold.Judgement]], label: str, known
     return sum(j.label == label for j in chosen) / len(chosen) if chosen else None
 
 
-def model_metrics(questions: list[world.Question], judged: list[gold.Judgement]) -> dict[str, float]:
-    pairs = list(zip(questions, judged, strict=True))
+# The gold judge's labels as the outcomes ``answer_rates`` counts; malformed is neither an answer nor an abstention.
+OUTCOMES = {"correct": "correct", "hallucinated": "wrong", "abstained": "abstained", "malformed": "no_answer"}
+# The lab's metric -> the rate of ``answer_rates`` it is.
+RATES = {"accuracy_known": "accuracy", "abstain_unknowable": "abstention", "hallucination_rate": "hallucination",
+         "hallucination_unknowable": "hallucination_unanswerable"}  # fmt: skip
 
-    def of(label: str, known: bool | None) -> float:  # 0 where the held-out set has no such question
-        return share(pairs, label, known) or 0.0
 
-    return {
-        "gold_reward": sum(gold.gold_reward(j) for j in judged) / len(judged),
-        "accuracy_known": of("correct", True),
-        "abstain_unknowable": of("abstained", False),
-        "hallucination_rate": of("hallucinated", None),
-        "hallucination_unknowable": of("hallucinated", False),
-        "format_compliance": 1 - of("malformed", None),
-        "mean_length": sum(j.n_words for j in judged) / len(judged),
-    }
+def model_metrics(questions: list[world.Question], judged: list[gold.Judgement]) -> dict:
+    """The gold judge's metrics, the rates through ``answer_rates`` (0 for a rate whose questions the
+    held-out set lacks), and under ``intervals`` the bootstrap 95% interval of each (None for no questions)."""
+    outcomes = [Outcome.from_label(OUTCOMES[j.label], q.known, length=j.n_words)
+                for q, j in zip(questions, judged, strict=True)]  # fmt: skip
+    rates = answer_rates(outcomes)
+    rewards = [gold.gold_reward(j) for j in judged]
+    gold_rate = bootstrap_mean(np.array(rewards))
+    metrics = {"gold_reward": sum(rewards) / len(rewards)}  # summed in order, as before: the same last digit
+    intervals = {"gold_reward": [gold_rate.ci_low, gold_rate.ci_high]}
+    for key, name in RATES.items():
+        metrics[key] = rates[name].value or 0.0
+        intervals[key] = [rates[name].ci_low, rates[name].ci_high] if rates[name].n else None
+    no_answer = rates["no_answer"]
+    metrics["format_compliance"] = 1 - no_answer.value
+    intervals["format_compliance"] = [1 - no_answer.ci_high, 1 - no_answer.ci_low]
+    metrics["mean_length"] = rates["mean_length"].value
+    intervals["mean_length"] = [rates["mean_length"].ci_low, rates["mean_length"].ci_high]
+    return metrics | {"intervals": intervals}
 
 
 def rollout_metrics(judged: list[tuple[world.Question, gold.Judgement]]) -> dict[str, float | None]:
