@@ -163,3 +163,41 @@ def test_sample_table_mixes_question_kinds_and_texts_follow_the_numbers(tmp_path
     (lab / "data" / "held_out.jsonl").unlink()  # without it, sums are still told apart by their wording
     kinds = re.findall(r'<td>[^<]*<span class="tag">([a-z ]+)</span></td>', write_report(lab).read_text())
     assert sorted(kinds) == ["fact"] * 6 + ["sum"] * 2
+
+
+def test_hacking_section_shows_the_fit_and_the_onset(tmp_path):
+    lab = make_lab(tmp_path)
+    summary = json.loads((lab / "summary.json").read_text())
+    fit = {"form": "rl", "alpha": 1.0, "beta": 1.0, "start": 0.5, "peak_d": 1.0, "peak_gold": 1.5, "r2": 0.91,
+           "n_points": 40}  # fmt: skip
+    onset = {"step": 22, "peak_step": 18, "best_gold": 0.65, "gold": 0.52, "drop": 0.13, "noise": 0.013,
+             "proxy_at_peak": 0.67, "proxy": 0.75}  # fmt: skip
+    summary["ppo"]["overoptimisation"] = {"fit": fit, "onset": onset, "best_gold": None, "warnings": []}
+    (lab / "summary.json").write_text(json.dumps(summary))
+    page = write_report(lab).read_text()
+    assert "over 40 iterations: c = 0.5, α = 1, β = 1, R² = 0.91; the curve peaks at √KL = 1 with gold +1.50" in page
+    assert "detected at iteration 22: the smoothed gold reward fell from +0.65 (window ending at iteration 18)" in page
+    assert "10.0 times its noise, while the proxy rose from 0.67 to 0.75" in page
+    assert len(images(page)) == 4
+    summary["ppo"]["overoptimisation"] = {"fit": dict(fit, peak_d=None, peak_gold=None), "onset": None}
+    (lab / "summary.json").write_text(json.dumps(summary))
+    page = write_report(lab).read_text()
+    assert "the curve has no peak" in page and "The over-optimisation detector did not fire" in page
+    summary["ppo"]["overoptimisation"] = {"fit": {"form": "rl", "alpha": "?"}, "onset": {"step": 3}}  # malformed
+    (lab / "summary.json").write_text(json.dumps(summary))
+    page = write_report(lab).read_text()
+    assert "Fitted gold" not in page and "detected at iteration" not in page
+    assert "did not fire" in page
+
+
+def test_ppo_trace_takes_sqrt_kl_from_the_trajectory_and_the_onset_from_the_run():
+    from posttrain.lab.report import ppo_trace
+
+    rows = trajectory()
+    rows[0]["sqrt_kl"] = 0.5  # recorded by the run: used as it is; the others are √kl
+    onset = {"step": 22, "peak_step": 18, "best_gold": 0.65, "gold": 0.52, "drop": 0.13, "noise": 0.013,
+             "proxy_at_peak": 0.67, "proxy": 0.75}  # fmt: skip
+    trace = ppo_trace(rows, {"fit": None, "onset": onset})
+    assert trace.sqrt_kl[0] == 0.5 and trace.sqrt_kl[21] == math.sqrt(0.0006 * 22**2)
+    assert trace.onset["step"] == 22 and trace.fit is None
+    assert ppo_trace(rows, None).onset is None

@@ -7,9 +7,6 @@ a partial run's missing or NaN numbers show as "–".
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import re
@@ -20,10 +17,27 @@ from typing import Any
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from posttrain.instruments.plots import CSS as PAGE_CSS
+from posttrain.instruments.plots import (
+    DASH,
+    Trace,
+    esc,
+    figure_png,
+    fit_from,
+    fit_sentence,
+    fmt,
+    hacking_figure,
+    moving_average,
+    number,
+    onset_from,
+    onset_sentence,
+    smoothing,
+    sorted_points,
+)
+
 MODELS = ("base", "sft", "ppo", "dpo")
 MODEL_NAMES = {"base": "Base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
 MODEL_COLOURS = {"base": "#9e9e9e", "sft": "#4c72b0", "ppo": "#dd8452", "dpo": "#55a868"}
-DASH = "–"
 METRICS = (("gold_reward", "Gold reward (true score) ↑", "signed"),
            ("accuracy_known", "Correct on known facts ↑", "pct"),
            ("abstain_unknowable", "Says “I don't know” on unknowable ↑", "pct"),
@@ -44,34 +58,13 @@ POOLS = {
     "careful": "a careful pool: these annotators check almost every fact and have no stylistic biases "
     "(the comparison run)",
 }
-CSS = """
-body{font-family:system-ui,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;
-color:#222;line-height:1.45}h1{margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd}.sub{color:#666}
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em;width:100%}th{background:#f3f3f3}
-th,td{border:1px solid #ccc;padding:.35em .5em;vertical-align:top;text-align:left}.note{color:#666;font-style:italic}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.answer{word-break:break-word}
-.tag{font-size:.78em;color:#555;display:block}img{max-width:100%;height:auto;display:block;margin:.6em 0}
+CSS = (
+    PAGE_CSS
+    + """
 .legend span{display:inline-block;padding:.1em .5em;margin:.15em .3em .15em 0;border:1px solid #ccc}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
 """
-
-
-def number(value: Any) -> float | None:
-    """``value`` as a finite float, or None (missing, NaN, infinite, not a number)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
-def fmt(value: Any, kind: str = "num3") -> str:
-    """A number as text: "pct" 12%, "signed" +0.25, "int" 12, "num1" 6.5, "num2" 0.25, else 1.234; "–" if NaN."""
-    x = number(value)
-    if x is None:
-        return DASH
-    spec = {"pct": ".0%", "signed": "+.2f", "int": ".0f", "num1": ".1f", "num2": ".2f"}.get(kind, ".3f")
-    return format(x, spec)
-
-
-esc = html.escape  # every text put in the page goes through it (quotes too)
+)
 
 
 def load_json(path: Path) -> Any:
@@ -80,25 +73,6 @@ def load_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def figure_png(fig: Figure) -> str:
-    """An <img> tag holding the figure as a base64 PNG."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="plot" src="data:image/png;base64,{data}">'
-
-
-def smoothing(n: int) -> int:
-    """The moving average's window: 8 iterations, fewer for a short run (a smoke run's 2 stay raw)."""
-    return min(8, max(1, n // 4))
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    """Centred mean over ``window`` neighbours (fewer at the ends), so the curve does not lag the points."""
-    chunks = [values[max(0, i - window // 2) : i + (window + 1) // 2] for i in range(len(values))]
-    return [sum(chunk) / len(chunk) for chunk in chunks]
 
 
 def metric(summary: dict, model: str, key: str) -> float | None:
@@ -239,55 +213,52 @@ def trajectory_rows(summary: dict) -> list[dict]:
 def smoothed_series(rows: list[dict], key: str, x_key: str = "step") -> tuple[list, list, list] | None:
     """(x, y, moving average of y), sorted by x, over the rows where both are numbers; None if none are.
     Sorting by x makes the average a curve along the x axis (KL is noisy from one iteration to the next)."""
-    points = [(number(r.get(x_key)), number(r.get(key))) for r in rows]
-    points = sorted((x, y) for x, y in points if x is not None and y is not None)
-    if not points:
-        return None
-    xs, ys = (list(v) for v in zip(*points, strict=True))
-    return xs, ys, moving_average(ys, smoothing(len(ys)))
+    xs, ys = sorted_points([r.get(x_key) for r in rows], [r.get(key) for r in rows])
+    return (xs, ys, moving_average(ys, smoothing(len(ys)))) if xs else None
+
+
+def ppo_trace(rows: list[dict], overoptimisation: Any) -> Trace:
+    """The hacking figure's trace of the lab's PPO run; the fit and onset when summary.json holds them."""
+    overoptimisation = overoptimisation if isinstance(overoptimisation, dict) else {}  # a partial run has none
+    sqrt_kl = [number(r.get("sqrt_kl")) or math.sqrt(max(number(r["kl"]) or 0.0, 0.0)) for r in rows]
+    return Trace("PPO", [number(r.get("step")) for r in rows], sqrt_kl, [r.get("proxy") for r in rows],
+                 [r.get("gold") for r in rows], fit_from(overoptimisation.get("fit")),
+                 onset_from(overoptimisation.get("onset")))  # fmt: skip
 
 
 def hacking_section(summary: dict) -> str:
-    """(4) Proxy and gold reward per PPO iteration, and against sqrt(KL) (Gao et al. 2022)."""
+    """(4) Proxy and gold reward per PPO iteration, and against sqrt(KL) (Gao et al. 2022), with the fit of
+    gold against √KL and the detected onset of over-optimisation when the run has them."""
     rows = trajectory_rows(summary)
     head = "<h2>4. Reward hacking during PPO</h2>"
     if not rows:
         return head + '<p class="note">No PPO trajectory in summary.json (the run stopped before PPO).</p>'
-    rows = [dict(r, sqrt_kl=math.sqrt(max(number(r["kl"]) or 0.0, 0.0))) for r in rows]
-    fig = Figure(figsize=(10, 3.6))
-    panels = fig.subplots(1, 2)
-    handles = []
-    x_axes = (("step", "PPO iteration"), ("sqrt_kl", "√KL to the SFT model (how far PPO moved the model)"))
-    for ax, (x_key, xlabel) in zip(panels, x_axes, strict=True):
-        right = ax.twinx()
-        for axis, key, colour, label in ((ax, "proxy", "#dd8452", "proxy reward (reward model), left axis"),
-                                         (right, "gold", "#2a7ab0", "gold reward (true), right axis")):  # fmt: skip
-            series = smoothed_series(rows, key, x_key)
-            if series:
-                xs, ys, smooth = series
-                axis.scatter(xs, ys, s=12, color=colour, alpha=0.3, linewidths=0)
-                line = axis.plot(xs, smooth, color=colour, lw=2, label=label)
-                handles += line if ax is panels[0] else []
-            axis.set_ylabel(label.split(" (")[0], color=colour)
-            axis.tick_params(axis="y", colors=colour)
-        ax.set_xlabel(xlabel)
-    panels[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.legend(handles=handles, loc="upper center", ncol=2, fontsize=8, frameon=False)
-    fig.subplots_adjust(top=0.86, wspace=0.45)
+    overoptimisation = (summary.get("ppo") or {}).get("overoptimisation")
+    trace = ppo_trace(rows, overoptimisation)
+    fig = hacking_figure([trace], reference="the SFT model")
     shape = (summary.get("ppo") or {}).get("gold_arc") or {}
     facts = ""
     if all(number(shape.get(k)) is not None for k in ("start", "peak", "end", "peak_step")):
         facts = (f" In this run the gold reward, averaged over an eighth of the iterations, went from "
                  f"{fmt(shape['start'], 'signed')} to a peak of {fmt(shape['peak'], 'signed')} (from iteration "
                  f"{fmt(shape['peak_step'], 'int')}) and ended at {fmt(shape['end'], 'signed')}.")  # fmt: skip
+    found = [fit_sentence(trace.fit)] if trace.fit else []
+    if trace.onset:
+        found.append(onset_sentence(trace.onset))
+    elif isinstance(overoptimisation, dict):
+        found.append("The over-optimisation detector did not fire: the gold reward never fell beyond its noise "
+                     "while the proxy rose.")  # fmt: skip
     window = smoothing(len(rows))
     averaged = f"moving averages over {window} iterations" if window > 1 else "the points joined (too few to average)"
     return f"""{head}
 <p>Each point is one PPO iteration: the average score of its sampled answers, by iteration on the left and on the
 right by how far the policy has moved from the SFT model (√KL, as in Gao et al. 2022, “Scaling laws for reward model
-overoptimization”); bold lines are {averaged}. PPO pushes the proxy reward (orange, left axes) up; if the gold
-reward (blue, right axes) rises and then falls while the proxy keeps rising, the policy is exploiting the reward
-model's mistakes: reward hacking.{esc(facts)}</p>
+overoptimization”); bold lines are {averaged}. PPO pushes the proxy reward (the reward model's score, top, orange)
+up; if the gold reward (the true score, bottom, blue) rises and then falls while the proxy keeps rising, the policy
+is exploiting the reward model's mistakes: reward hacking. The dashed curve is Gao et al.'s form fitted to the gold
+points, the dotted line its peak d*, the red dash-dotted line the iteration at which the detector saw the gold fall
+beyond its noise while the proxy rose.{esc(facts)}</p>
+{"".join(f"<p>{esc(line)}</p>" for line in found)}
 {figure_png(fig)}"""
 
 
