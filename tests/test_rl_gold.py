@@ -39,6 +39,10 @@ def minus_vowels(prompts, completions):
 
 def wrong_count(prompts, completions):
     return [0.0]
+
+
+def not_a_number(prompts, completions):
+    return [float("nan")] * len(completions)
 """
 
 
@@ -127,6 +131,7 @@ def test_without_gold_the_kl_budget_warns_once(tiny_model, tmp_path, gold_files)
     [
         ("missing_module_xyz:f", [], "--gold-reward missing_module_xyz:f: cannot import"),
         ("RULES:wrong_count", [], "--gold-reward RULES:wrong_count: returned 1 scores for 32 completions"),
+        ("RULES:not_a_number", [], "--gold-reward RULES:not_a_number: returned a NaN or infinite score"),
         ("", ["--stop-on-overoptimisation"], "--stop-on-overoptimisation needs --gold-reward"),
         ("RULES:noisy_gold", ["--gold-every", "0"], "--gold-every must be at least 1"),
     ],

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from scipy import stats
 
 from posttrain.errors import UserError
@@ -151,8 +152,8 @@ class SignatureWatch:
 
 
 class RLMonitor:
-    """The per-iteration watch described in the module docstring; ``run_rl`` calls ``observe`` after
-    each rollout and ``evaluate`` on held-out prompts; its state is saved with every checkpoint."""
+    """The per-iteration watch described in the module docstring: ``run_rl`` calls ``observe`` on each
+    rollout before the update and ``evaluate`` on held-out prompts; its state is saved with every checkpoint."""
 
     def __init__(self, config: RLConfig, setup: RLSetup, output: Path, policy_of: Callable) -> None:
         self.config, self.setup, self.output, self.policy_of = config, setup, output, policy_of
@@ -177,7 +178,7 @@ class RLMonitor:
         nll = self._sum(-(tensors["old_logprobs"] * mask).sum().item()) / self._sum(mask.sum().item())
         scores = gather(experience.scores).double().cpu().numpy()
         lengths = gather(tensors["n_targets"]).double().cpu().numpy()
-        record = rollout_signals(scores, lengths, nll, self._gather_texts(experience.completions),
+        record = rollout_signals(scores, lengths, nll, gather_object(experience.completions),
                                  self.config.num_generations)  # fmt: skip
         kl = self._sum(experience.metrics["objective/kl"]) / self.accelerator.num_processes
         record["objective/sqrt_kl"] = math.sqrt(max(kl, 0.0))
@@ -196,13 +197,6 @@ class RLMonitor:
         """``value`` summed over the processes."""
         total = torch.tensor(value, dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(total, "sum").item()
-
-    def _gather_texts(self, texts: list[str]) -> list[str]:
-        if self.accelerator.num_processes == 1:
-            return texts
-        from accelerate.utils import gather_object
-
-        return gather_object(texts)
 
     def _follow_gold(self, step: int, record: dict[str, float], proxy: float, model) -> None:
         """Feed the detector; keep the best-gold policy; log the onset once (and stop, if asked)."""

@@ -159,9 +159,12 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
             rollout_seconds = time.perf_counter() - tick
             watched = monitor.observe(step, experience, accelerator.unwrap_model(model), last)
             model.train()
+            tick = time.perf_counter()
             window = update(model, optimizer, scheduler, experience, loss_fn, accelerator, config, output, step)
+            update_seconds = time.perf_counter() - tick
             maybe_die(f"step/{step}")
-            record = iteration_record(step, plan, experience, window, rollout_seconds, tick, accelerator, config)
+            record = iteration_record(step, plan, experience, window, (rollout_seconds, update_seconds), accelerator,
+                                      config)  # fmt: skip
             record |= watched
             if monitor.eval_due(step, last or monitor.stop):
                 record |= monitor.evaluate(accelerator.unwrap_model(model))
@@ -196,15 +199,16 @@ def update(model, optimizer, scheduler, experience: Experience, loss_fn, acceler
     return window | {"grad_norm": grad_norm, "learning_rate": learning_rate}
 
 
-def iteration_record(step: int, plan: Plan, experience: Experience, window: dict[str, float], rollout_seconds: float,
-                     tick: float, accelerator: Accelerator, config) -> dict[str, float]:  # fmt: skip
-    """The iteration's metrics: the rollout's (mean over processes), the updates' and the throughput."""
+def iteration_record(step: int, plan: Plan, experience: Experience, window: dict[str, float],
+                     seconds: tuple[float, float], accelerator: Accelerator, config) -> dict[str, float]:  # fmt: skip
+    """The iteration's metrics: the rollout's (mean over processes), the updates' and the throughput
+    (``seconds``: of the rollout, and of the updates)."""
     grad_norm, learning_rate = window.pop("grad_norm"), window.pop("learning_rate")
-    seconds = time.perf_counter() - tick
+    rollout_seconds, update_seconds = seconds
     record = {"step": step, "episode": step * plan.global_batch * config.num_generations}
     record |= mean_over_processes(experience.metrics, accelerator) | window_record(window)
     record |= {"learning_rate": learning_rate, "grad_norm": grad_norm}
     samples = len(experience.tensors["n_targets"]) * accelerator.num_processes
     record["rollout_tokens_per_second"] = experience.metrics["completions/mean_length"] * samples / rollout_seconds
-    record["samples_per_second"] = config.ppo_epochs * samples / (seconds - rollout_seconds)
+    record["samples_per_second"] = config.ppo_epochs * samples / update_seconds
     return record
