@@ -164,10 +164,12 @@ def test_reward_models_score_any_policy_and_can_seed_the_value(tiny_model, tmp_p
     prompts, _ = rl_files
     same, other = reward_models
     short = ["--max-steps", "2", "--learning-rate", "1e-3", "--save-steps", "0"]
-    # a reward model with another tokenizer re-tokenizes the text: no refusal
-    assert main(rl_args("grpo", tiny_model, prompts, f"{other} + 0.5*{same}", tmp_path / "g", *short)) == 0
+    # a reward model with another tokenizer re-tokenizes the text: no refusal; a reward model can be the gold too
+    gold = ["--gold-reward", str(other)]
+    assert main(rl_args("grpo", tiny_model, prompts, f"{other} + 0.5*{same}", tmp_path / "g", *short, *gold)) == 0
     _, records = scores(tmp_path / "g")
     assert all(torch.isfinite(torch.tensor(r["objective/scores"])) for r in records)
+    assert all(torch.isfinite(torch.tensor(r["objective/gold"])) for r in records)
     # PPO with the value model initialised from the reward model (InstructGPT)
     assert main(rl_args("ppo", tiny_model, prompts, str(same), tmp_path / "p", *short, "--value-model", "reward")) == 0
     _, records = scores(tmp_path / "p")
