@@ -134,6 +134,8 @@ def test_without_gold_the_kl_budget_warns_once(tiny_model, tmp_path, gold_files)
         ("RULES:not_a_number", [], "--gold-reward RULES:not_a_number: returned a NaN or infinite score"),
         ("", ["--stop-on-overoptimisation"], "--stop-on-overoptimisation needs --gold-reward"),
         ("RULES:noisy_gold", ["--gold-every", "0"], "--gold-every must be at least 1"),
+        ("", ["--gold-every", "2"], "--gold-every needs --gold-reward"),
+        ("", ["--eval-steps", "2"], "--eval-steps needs --eval-prompts"),
     ],
 )
 def test_bad_gold_options_give_one_line(tiny_model, tmp_path, gold_files, capsys, gold, extra, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -76,6 +77,7 @@ class RLConfig(TrainConfig):
         if self.stop_on_overoptimisation and not self.gold_reward:
             raise UserError("--stop-on-overoptimisation needs --gold-reward: without a gold reward nothing tells "
                             "over-optimisation from progress")  # fmt: skip
+        self.refuse_unused_watch_options()
         for name in ("gold_every", "onset_window"):
             require(self, name, getattr(self, name) >= 1, "at least 1")
         require(self, "onset_z", self.onset_z > 0, "positive")
@@ -85,6 +87,15 @@ class RLConfig(TrainConfig):
         for name in ("kl_coef", "ensemble_lambda"):
             require(self, name, getattr(self, name) >= 0, "non-negative")
         require(self, "top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]")
+
+    def refuse_unused_watch_options(self) -> None:
+        """Options of the gold reward and of the held-out prompts have no effect without them: refused."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("gold_every", "onset_z"):
+            if getattr(self, name) != defaults[name] and not self.gold_reward:
+                raise UserError(f"{flag(name)} needs --gold-reward (it tunes what the gold reward measures)")
+        if self.eval_steps and not self.eval_prompts:
+            raise UserError("--eval-steps needs --eval-prompts in the RL stages (the held-out prompts it samples)")
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Watching an RL run for reward hacking, on any model: the gold reward, held-out prompts, the
-over-optimisation detector, and without a gold reward the known signatures of hacking.
+over-optimisation detector, and the known signatures of hacking (the only warning without a gold reward).
 
 Per iteration, for every run:
   objective/sqrt_kl              √ of the mean per-completion KL to the reference (Gao et al. 2022's x axis)
@@ -92,7 +92,7 @@ def gold_signals(scores: np.ndarray, gold: np.ndarray) -> dict[str, float]:
 
 
 class SignatureWatch:
-    """Without a gold reward: warn once per signature, with its numbers, when
+    """Warn once per signature of hacking, with its numbers (with a gold reward too: they say why), when
     - the KL to the reference passes ``--kl-budget`` (nats per completion);
     - the correlation of the score with length has risen by 0.3 over its first window, to at least 0.5;
     - the per-token entropy has fallen below a quarter of its first window's;
@@ -104,8 +104,9 @@ class SignatureWatch:
         "completions/duplicate_fraction": "the share of identical completions within a prompt's group",
     }
 
-    def __init__(self, window: int, kl_budget: float) -> None:
+    def __init__(self, window: int, kl_budget: float, gold: bool) -> None:
         self.window, self.kl_budget = window, kl_budget
+        self.advice = "" if gold else "; score with --gold-reward to know"
         self.recent: dict[str, deque] = {}
         self.first: dict[str, float] = {}
         self.fired: set[str] = set()
@@ -139,7 +140,7 @@ class SignatureWatch:
         if kind in self.fired:
             return []
         self.fired.add(kind)
-        log.warning("iteration %d: %s: a sign of reward hacking; score with --gold-reward to know", step, message)
+        log.warning("iteration %d: %s: a sign of reward hacking%s", step, message, self.advice)
         return [{"kind": kind, "step": step, "message": message}]
 
     def state_dict(self) -> dict[str, Any]:
@@ -158,7 +159,7 @@ class RLMonitor:
     def __init__(self, config: RLConfig, setup: RLSetup, output: Path, policy_of: Callable) -> None:
         self.config, self.setup, self.output, self.policy_of = config, setup, output, policy_of
         self.detector = overopt.OnsetDetector(config.onset_window, config.onset_z) if setup.gold else None
-        self.watch = SignatureWatch(config.onset_window, config.kl_budget)
+        self.watch = SignatureWatch(config.onset_window, config.kl_budget, gold=setup.gold is not None)
         self.trace: list[dict[str, float]] = []  # per gold-scored iteration: step, sqrt_kl, gold, gold_sem, proxy
         self.warnings: list[dict[str, Any]] = []
         self.stop = False
@@ -189,8 +190,7 @@ class RLMonitor:
                 sample["gold"] = value
             record |= gold_signals(scores, gather(gold.to(self.accelerator.device)).cpu().numpy())
             self._follow_gold(step, record, float(scores.mean()), model)
-        elif self.setup.gold is None:
-            self.warnings += self.watch.update(step, record | {"objective/kl": kl})
+        self.warnings += self.watch.update(step, record | {"objective/kl": kl})
         return record
 
     def _sum(self, value: float) -> float:
