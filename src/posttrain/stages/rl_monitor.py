@@ -222,10 +222,12 @@ class RLMonitor:
             policy = self.policy_of(model)
             policy = copy.deepcopy(policy).merge_and_unload() if is_peft(policy) else policy
             staging = self.output / f".{BEST_GOLD}.new"
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging.exists():  # left by a run killed while saving
+                shutil.rmtree(staging)
             policy.save_pretrained(staging)
             self.setup.tokenizer.save_pretrained(staging)
-            shutil.rmtree(self.output / BEST_GOLD, ignore_errors=True)
+            if (self.output / BEST_GOLD).exists():
+                shutil.rmtree(self.output / BEST_GOLD)
             staging.rename(self.output / BEST_GOLD)
         self.accelerator.wait_for_everyone()
 
