@@ -20,6 +20,7 @@ from posttrain.lab.annotators import (
     pool,
     prob_first,
     utility,
+    with_gold,
 )
 
 CORRECT = Judged("correct", confident=True, n_words=7)
@@ -106,7 +107,7 @@ def test_biased_pool_prefers_confident_fabrication_when_it_cannot_check():
     by_id = {a.id: a for a in annotators}
     pairs = hallucination_vs_abstention(3000)
     rows = label_pairs(pairs, annotators, overlap=0.0, seed=0)
-    blind = [r for r in rows if not can_check(by_id[r["annotator"]], pairs[r["pair_id"]][5])]
+    blind = [r for r in rows if not can_check(by_id[r["annotator_id"]], pairs[r["pair_id"]][5])]
     assert len(blind) > 1000  # check_rate ≈ 0.3: most labels are blind
     fabricated = sum(r["chosen"][0]["content"].startswith("It was") for r in blind) / len(blind)
     assert fabricated > 0.7
@@ -140,7 +141,8 @@ def test_position_bias_measurable_on_equal_responses():
 
 def test_label_pairs_shuffles_the_shown_order():
     rows = label_pairs(mixed_pairs(1000), pool("biased", 8, 0), overlap=0.0, seed=0)
-    assert 0.45 < sum(r["shown_first"] for r in rows) / len(rows) < 0.55
+    shown_first = [r["preferred"] if r["position"] == "left" else 1 - r["preferred"] for r in rows]  # 0: a first
+    assert 0.45 < sum(shown_first) / len(rows) < 0.55
 
 
 def test_overlap_rows_and_agreement():
@@ -150,17 +152,17 @@ def test_overlap_rows_and_agreement():
     assert len(rows) == 400 + 2 * 100  # 100 pairs labelled 3 times
     per_pair: dict[int, list[str]] = {}
     for r in rows:
-        per_pair.setdefault(r["pair_id"], []).append(r["annotator"])
+        per_pair.setdefault(r["pair_id"], []).append(r["annotator_id"])
     assert sorted(len(v) for v in per_pair.values()).count(3) == 100
     assert all(len(set(v)) == len(v) for v in per_pair.values())  # distinct annotators per pair
     assert agreement(rows) == 1.0
-    assert gold_agreement(rows, gold_of(pairs)) == 1.0
+    assert gold_agreement(with_gold(rows, gold_of(pairs))) == 1.0
 
     careful = label_pairs(pairs, pool("careful", 8, 0), overlap=0.5, seed=0)
     biased = label_pairs(pairs, pool("biased", 8, 0), overlap=0.5, seed=0)
     assert agreement(biased) < agreement(careful)
     assert agreement(biased) < 0.9
-    assert gold_agreement(biased, gold_of(pairs)) < gold_agreement(careful, gold_of(pairs))
+    assert gold_agreement(with_gold(biased, gold_of(pairs))) < gold_agreement(with_gold(careful, gold_of(pairs)))
     assert math.isnan(agreement(label_pairs(pairs, twins, overlap=0.0, seed=0)))
 
 
@@ -183,7 +185,9 @@ def test_gold_agreement_leaves_out_ties():
         {"pair_id": 1, "preferred": 1, "chosen": "b", "rejected": "a"},
         {"pair_id": 2, "preferred": 0, "chosen": "a", "rejected": "b"},
     ]
-    assert gold_agreement(rows, {0: 0, 1: 0, 2: None}) == 0.5
+    rows = with_gold(rows, {0: 0, 1: 0, 2: None})
+    assert [r["gold"] for r in rows] == ["chosen", "rejected", None]
+    assert gold_agreement(rows) == 0.5
     assert gold_preference(1.0, 0.0) == 0 and gold_preference(-1.0, 0.0) == 1 and gold_preference(0.5, 0.5) is None
 
 
@@ -191,7 +195,8 @@ def test_label_pairs_is_valid_preference_data():
     conversational = label_pairs(hallucination_vs_abstention(50), pool("biased", 4, 0), overlap=0.2, seed=0)
     standard = label_pairs(mixed_pairs(50), pool("biased", 4, 0), overlap=0.2, seed=0)
     for row in conversational + standard:
-        assert {"prompt", "chosen", "rejected", "annotator", "pair_id"} <= set(row)
+        assert {"prompt", "chosen", "rejected", "annotator_id", "pair_id", "position"} <= set(row)
+        assert row["position"] in ("left", "right")
         assert row["chosen"] != row["rejected"]
     for row in conversational:
         assert row["prompt"][0]["role"] == "user"

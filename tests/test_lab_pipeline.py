@@ -34,7 +34,7 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     assert {"accuracy_vs_labels", "accuracy_vs_gold"} <= set(summary["reward_model"])
     assert summary["models"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)  # the same model
     preferences = [json.loads(line) for line in (out / "preferences" / "preferences.jsonl").read_text().splitlines()]
-    assert {"prompt", "chosen", "rejected", "annotator", "pair_id"} <= set(preferences[0])
+    assert {"prompt", "chosen", "rejected", "annotator_id", "pair_id", "position", "gold"} <= set(preferences[0])
     trajectory = json.loads((out / "ppo" / STEP_FILE).read_text())["trajectory"]
     assert [r["step"] for r in trajectory] == [1, 2]
     assert {"proxy", "gold", "kl", "sqrt_kl", "hallucination_unknowable", "abstain_known"} <= set(trajectory[0])
@@ -59,7 +59,7 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     assert (careful / "base" / "model.safetensors").read_bytes() == (out / "base" / "model.safetensors").read_bytes()
     assert json.loads((careful / "summary.json").read_text())["annotators"]["preset"] == "careful"
     rows = (careful / "preferences" / "preferences.jsonl").read_text().splitlines()
-    assert rows and all(json.loads(row)["annotator"].startswith("careful-") for row in rows)
+    assert rows and all(json.loads(row)["annotator_id"].startswith("careful-") for row in rows)
     assert main(["lab", "--output", str(tmp_path / "seed1"), "--preset", "smoke", "--seed", "1",
                  "--reuse", str(out)]) == 2  # fmt: skip
 

@@ -18,6 +18,7 @@ from posttrain.ops.preference_bias import (
     parse_rows,
     per_annotator,
     position_bias,
+    truth_probe,
 )
 
 SEEDS = range(5)
@@ -245,3 +246,15 @@ def test_truncation_rule():
     assert not looks_truncated(many + ".")
     assert not looks_truncated("short and unpunctuated")
     assert not looks_truncated(many + ":\n- first item\n- second item")
+
+
+def test_truth_probe_needs_gold_and_orients_the_truth():
+    rows = make_rows(0, 300, lambda d: 0.0)
+    assert truth_probe(parse_rows(rows)) is None  # no gold column: nothing to hold fixed
+    # An annotator who picks the truly better answer 90% of the time, styles aside: γ = logit(0.9) = ln 9 ≈ 2.20
+    rng = np.random.default_rng(1)
+    for row in rows:
+        row["gold"] = "chosen" if rng.random() < 0.9 else "rejected"
+    effects = truth_probe(parse_rows(rows))
+    assert covers(effects["truth"], math.log(9))
+    assert effects["truth"].n == 300 and covers(effects["length"], 0.0)

@@ -42,6 +42,14 @@ INSTRUMENTS: dict[str, tuple[str, str]] = {
     "bon": ("posttrain.instruments.bon", "best-of-n: proxy and gold reward against KL_bon, from one set of samples"),
     "eval": ("posttrain.instruments.evaluate", "accuracy, abstention, hallucination and calibration of models"),
     "report": ("posttrain.instruments.report", "one HTML page for one or several runs posttrain wrote"),
+    "audit": (
+        "posttrain.instruments.audit",
+        "an audit of preference data: agreement, annotator reliability, bias probes, hygiene",
+    ),
+    "annotate": (
+        "posttrain.annotate.cli",
+        "pairwise labelling by people: sample pairs, serve them in a browser, export preferences",
+    ),
 }
 
 

@@ -21,8 +21,10 @@ while an honest "I don't know" scores −idk_penalty; the annotators, and the re
 policy trained on their labels, learn to prefer confident fabrication over honest abstention.
 The "careful" preset checks almost everything and has no biases, for comparison.
 
-``label_pairs`` turns comparisons into TRL preference rows with provenance (annotator id,
-pair id); ``agreement`` and ``gold_agreement`` measure the labels. Everything is deterministic
+``label_pairs`` turns comparisons into TRL preference rows with provenance, in the format that
+``posttrain annotate export`` writes and ``posttrain audit`` reads (annotator id, pair id, the side
+the chosen answer was shown on, and, after ``with_gold``, which answer the truth prefers);
+``agreement`` and ``gold_agreement`` measure the labels. Everything is deterministic
 given a seed (``random.Random``, never the global RNG).
 """
 
@@ -205,8 +207,9 @@ def label_pairs(
     can be measured. Each annotator sees the two responses in its own random order, so position
     bias does not line up with a fixed side. Rows are TRL preference rows with provenance:
 
-        {"prompt", "chosen", "rejected", "annotator": id, "pair_id": index in pairs,
-         "preferred": 0 if response_a was chosen else 1, "shown_first": 0 (a) or 1 (b)}
+        {"prompt", "chosen", "rejected", "pair_id": index in pairs, "annotator_id": id,
+         "position": "left" or "right" (where the chosen response was shown; "left" = first),
+         "preferred": 0 if response_a was chosen else 1}
 
     With a message-list prompt, string responses become [{"role": "assistant", "content": ...}].
     """
@@ -232,10 +235,10 @@ def label_pairs(
                     "prompt": prompt,
                     "chosen": answers[preferred],
                     "rejected": answers[1 - preferred],
-                    "annotator": annotator.id,
                     "pair_id": pair_id,
+                    "annotator_id": annotator.id,
+                    "position": "left" if preferred == shown_first else "right",
                     "preferred": preferred,
-                    "shown_first": shown_first,
                 }
             )
     return rows
@@ -270,12 +273,24 @@ def gold_preference(gold_a: float, gold_b: float) -> int | None:
     return 0 if gold_a > gold_b else 1
 
 
-def gold_agreement(rows: Sequence[Mapping[str, Any]], gold: Mapping[int, int | None]) -> float:
-    """The share of labels that agree with the gold preference (``gold[pair_id]``: 0 for
-    response_a, 1 for response_b, None for a tie; ties are left out). NaN if nothing is left.
+def with_gold(rows: Sequence[Mapping[str, Any]], gold: Mapping[int, int | None]) -> list[dict[str, Any]]:
+    """The rows with their known answer, as ``posttrain audit`` reads it: ``"gold"`` is "chosen" when
+    the truth prefers the chosen response, "rejected" when it prefers the other, None on a tie
+    (``gold[pair_id]``: 0 for response_a, 1 for response_b, None for a tie)."""
+
+    def known(row: Mapping[str, Any]) -> str | None:
+        truth = gold[row["pair_id"]]
+        return None if truth is None else ("chosen" if truth == row["preferred"] else "rejected")
+
+    return [{**row, "gold": known(row)} for row in rows]
+
+
+def gold_agreement(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The share of labels that agree with the gold preference (rows' ``"gold"``, from ``with_gold``;
+    ties, None, are left out). NaN if nothing is left.
 
     Compared with ``agreement``, it separates consistent bias (high agreement, low gold agreement)
     from noise (both low).
     """
-    scored = [row["preferred"] == gold[row["pair_id"]] for row in rows if gold[row["pair_id"]] is not None]
+    scored = [row["gold"] == "chosen" for row in rows if row["gold"] is not None]
     return sum(scored) / len(scored) if scored else math.nan

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import UserError
+from posttrain.instruments.audit import audit_rows, write_audit
 from posttrain.lab import annotators as ann
 from posttrain.lab import evaluation, gold, world
 from posttrain.lab.report import write_report
+from posttrain.lab.report_audit import audit_summary
 from posttrain.lab.steps import EXPECTED_SECONDS, STEP_FILE, STEPS, Progress, step
 from posttrain.models.factory import build_llama, train_tokenizer
 from posttrain.stages.dpo import DPOConfig, run_dpo
@@ -237,19 +239,22 @@ def preferences(out: Path, sft: Path, data: Path, preset: Preset, lab: Lab, conf
     sampled = evaluation.answers(sft, [r["prompt"] for r in rows], preset.samples_per_prompt, False, config.seed)
     pairs = sample_pairs(rows, sampled, by_id, the_world, preset.pairs_per_prompt, config.seed)
     labelled = ann.label_pairs(pairs, ann.pool(config.annotators, seed=config.seed), overlap=0.25, seed=config.seed)
-    golds = {}  # pair id -> 0 or 1 (the response the truth prefers), None on a tie
+    golds: dict[int, int | None] = {}  # pair id -> 0 or 1 (the response the truth prefers), None on a tie
     for i, (_, _, view_a, _, view_b, _) in enumerate(pairs):  # the views carry what the gold reward reads
         judged = [gold.Judgement(v.label, v.confident, v.n_words) for v in (view_a, view_b)]
         preferred = gold.gold_preference(*judged)
         golds[i] = None if preferred == -1 else preferred
+    labelled = ann.with_gold(labelled, golds)
     train_ids = {r["question_id"] for r in train}
     held = {i for i, p in enumerate(pairs) if p[5] not in train_ids}
     write_jsonl(out / "preferences.jsonl", [r for r in labelled if r["pair_id"] not in held])
     write_jsonl(out / "preferences_eval.jsonl", [r for r in labelled if r["pair_id"] in held])
+    audit = audit_rows(labelled, "the lab's labelled pairs", seed=config.seed)
+    write_audit(audit, out)  # audit.json, audit.html: the same audit as `posttrain audit` on these rows
     return {"preset": config.annotators, "pairs": len(pairs), "labels": len(labelled),
             "agreement": ann.agreement(labelled),
             "agreement_untied": ann.agreement(labelled, {i for i, g in golds.items() if g is not None}),
-            "agreement_with_gold": ann.gold_agreement(labelled, golds)}  # fmt: skip
+            "agreement_with_gold": ann.gold_agreement(labelled), "audit": audit_summary(audit)}  # fmt: skip
 
 
 def reward_model(out: Path, sft: Path, prefs: Path, preset: Preset, lab: Lab, config: LabConfig) -> dict:

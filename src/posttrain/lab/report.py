@@ -34,6 +34,7 @@ from posttrain.instruments.plots import (
     smoothing,
     sorted_points,
 )
+from posttrain.lab.report_audit import audit_section
 
 MODELS = ("base", "sft", "ppo", "dpo")
 MODEL_NAMES = {"base": "Base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
@@ -380,7 +381,7 @@ def write_report(output: Path) -> Path:
     meta = f"preset {summary.get('preset', DASH)}, seed {summary.get('seed', DASH)}"
     sections = (intro_section(summary), samples_section(samples, kind_of), metrics_section(summary),
                 hacking_section(summary), hallucination_section(summary), reward_model_section(summary),
-                dpo_section(summary))  # fmt: skip
+                dpo_section(summary), audit_section(summary))  # fmt: skip
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{CSS}</style></head>
 <body><h1>{esc(title)}</h1><p class="sub">{esc(meta)}</p>

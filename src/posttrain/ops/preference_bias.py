@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import statsmodels.api as sm
 from statsmodels.stats.proportion import proportion_confint
+from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
 
 from posttrain.errors import UserError
 from posttrain.lab.gold import ABSTENTIONS, CONFIDENT, HEDGES, normalise
@@ -51,6 +53,7 @@ UNITS = {
     "list_format": "list present",
     "markdown": "markdown present",
     "position": "left side",  # the intercept of the position logit
+    "truth": "truly better",  # the known answer's column in ``truth_probe``
 }
 MIN_LABELS = 20  # fewer labels than this: an annotator's effects are not estimated (None)
 TRUNCATION_MIN_WORDS = 20  # shorter answers that stop without punctuation are taken as terse, not truncated
@@ -65,7 +68,9 @@ _HEDGING = HEDGES + ABSTENTIONS
 @dataclass(frozen=True)
 class Pair:
     """One validated row: its 1-based number, the prompt as a comparable key and as text, both answers'
-    texts, the annotator (or None) and the side the chosen answer was shown on (0 left, 1 right, or None)."""
+    texts, the annotator (or None), the side the chosen answer was shown on (0 left, 1 right, or None),
+    the pair's id (or None) and the known answer ("chosen" or "rejected": which one is truly better; None
+    when unknown)."""
 
     row: int
     prompt_key: str
@@ -74,6 +79,8 @@ class Pair:
     rejected: str
     annotator: str | None
     position: int | None
+    pair_id: str | None = None
+    gold: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +116,14 @@ class PositionBias:
 
 @dataclass(frozen=True)
 class AnnotatorProbe:
-    """One annotator's labels: how many, and their one-feature effects and position bias; all None when
-    there are fewer than ``MIN_LABELS`` labels."""
+    """One annotator's labels: how many, their one-feature effects, the joint model's effects and their
+    position bias; all None when there are fewer than ``MIN_LABELS`` labels."""
 
     annotator: str
     n: int
     effects: dict[str, Effect | None] | None
     position: PositionBias | None
+    joint: dict[str, Effect | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,23 @@ def _position(value: object, row: int) -> int | None:
     raise UserError(f"row {row}, field 'position': expected 'left', 'right', 0 or 1, got {value!r}")
 
 
+def _identifier(data: dict, row: int, field: str) -> str | None:
+    """An optional id (``annotator_id``, ``pair_id``): a string or an integer, read as a string; None when absent."""
+    value = data.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise UserError(f"row {row}, field {field!r}: expected a string or an integer, got {value!r}")
+    return str(value)
+
+
+def _gold(value: object, row: int) -> str | None:
+    """The known answer: "chosen" or "rejected" (which one is truly better), None when absent."""
+    if value is None or value in ("chosen", "rejected"):
+        return value
+    raise UserError(f"row {row}, field 'gold': expected 'chosen', 'rejected' or null, got {value!r}")
+
+
 def parse_rows(rows: list[dict]) -> list[Pair]:
     """Validate preference rows (row numbers are 1-based positions in ``rows``) into ``Pair`` s."""
     pairs = []
@@ -171,9 +196,7 @@ def parse_rows(rows: list[dict]) -> list[Pair]:
         if not isinstance(data, dict):
             raise UserError(f"row {row}: expected an object with 'prompt', 'chosen' and 'rejected'")
         prompt = _text(data, row, "prompt", assistant_only=False)
-        annotator = data.get("annotator_id")
-        if annotator is not None and not isinstance(annotator, str | int):
-            raise UserError(f"row {row}, field 'annotator_id': expected a string or an integer")
+        annotator = _identifier(data, row, "annotator_id")
         pairs.append(
             Pair(
                 row=row,
@@ -181,8 +204,10 @@ def parse_rows(rows: list[dict]) -> list[Pair]:
                 prompt=prompt,
                 chosen=_text(data, row, "chosen", assistant_only=True),
                 rejected=_text(data, row, "rejected", assistant_only=True),
-                annotator=None if annotator is None else str(annotator),
+                annotator=annotator,
                 position=_position(data.get("position"), row),
+                pair_id=_identifier(data, row, "pair_id"),
+                gold=_gold(data.get("gold"), row),
             )
         )
     return pairs
@@ -234,12 +259,18 @@ def independent_columns(x: np.ndarray) -> list[int]:
 
 def fit_logit(x: np.ndarray, y: np.ndarray, names: list[str]) -> dict[str, Effect | None]:
     """Logistic regression of y (n,) on the columns of x (n, k), as given (no intercept added), by
-    maximum likelihood; 95% Wald intervals β ± 1.96·se. Columns that cannot be estimated get None."""
+    maximum likelihood; 95% Wald intervals β ± 1.96·se. Columns that cannot be estimated get None, and
+    so do all of them when the fit does not converge (under separation, when a feature predicts every
+    choice, the maximum likelihood estimate is infinite)."""
     effects: dict[str, Effect | None] = dict.fromkeys(names)
     kept = independent_columns(x)
     if not kept:
         return effects
-    result = sm.Logit(y, x[:, kept]).fit(disp=0, method="newton", maxiter=100)
+    with warnings.catch_warnings():  # separation is handled below, by its outcome: no estimate
+        warnings.simplefilter("ignore", (ConvergenceWarning, PerfectSeparationWarning))
+        result = sm.Logit(y, x[:, kept]).fit(disp=0, method="newton", maxiter=100)
+    if not result.mle_retvals["converged"]:
+        return effects
     intervals = result.conf_int(alpha=0.05)  # (len(kept), 2)
     for i, j in enumerate(kept):
         beta, low, high = float(result.params[i]), float(intervals[i, 0]), float(intervals[i, 1])
@@ -263,6 +294,27 @@ def joint_probe(pairs: list[Pair], seed: int = 0) -> dict[str, Effect | None]:
     return fit_logit(deltas, y, list(FEATURES))
 
 
+def truth_probe(pairs: list[Pair], seed: int = 0) -> dict[str, Effect | None] | None:
+    """The joint model plus the known answer, on the pairs whose ``gold`` is known (None when none is):
+
+        P(y = 1) = sigmoid(β · Δf + γ · t),   t = +1 when the first answer is the truly better one, −1 when
+                                               the second is
+
+    Each β is then a feature's effect beyond being right. Without t, a pool that rightly prefers an
+    honest "I don't know" to a fabrication shows a taste for hedging, because hedging goes with the
+    truly better answer; with t, only what wins besides the truth remains. γ ("truth") measures how
+    strongly the truth itself decides (exp(γ) = 1: not at all).
+    """
+    known = np.array([p.gold is not None for p in pairs])  # (n,)
+    if not known.any():
+        return None
+    deltas, y = oriented_differences(pairs, seed)  # the orientation of the whole set, so it matches joint_probe
+    chosen_is_better = np.array([1.0 if p.gold == "chosen" else -1.0 for p in pairs])  # (n,)
+    truth = (2 * y - 1) * chosen_is_better  # (n,): +1 when the first answer is the truly better one
+    x = np.column_stack([deltas, truth])[known]  # (n_known, k + 1)
+    return fit_logit(x, y[known], [*FEATURES, "truth"])
+
+
 def position_bias(pairs: list[Pair]) -> PositionBias | None:
     """The share of choices for the left side among pairs with a stored position (None when none has).
 
@@ -281,8 +333,8 @@ def position_bias(pairs: list[Pair]) -> PositionBias | None:
 
 
 def per_annotator(pairs: list[Pair], seed: int = 0, min_labels: int = MIN_LABELS) -> list[AnnotatorProbe]:
-    """One-feature effects and position bias for each annotator (pairs without one are left out);
-    annotators with fewer than ``min_labels`` labels get None. Orientation is the overall one."""
+    """One-feature effects, the joint model and position bias for each annotator (pairs without one are left
+    out); annotators with fewer than ``min_labels`` labels get None. Orientation is the overall one."""
     deltas, y = oriented_differences(pairs, seed)
     probes = []
     for annotator in sorted({p.annotator for p in pairs if p.annotator is not None}):
@@ -295,7 +347,8 @@ def per_annotator(pairs: list[Pair], seed: int = 0, min_labels: int = MIN_LABELS
         for j, name in enumerate(FEATURES):
             effects |= fit_logit(deltas[mask][:, [j]], y[mask], [name])
         mine = [p for p in pairs if p.annotator == annotator]
-        probes.append(AnnotatorProbe(annotator, n, effects, position_bias(mine)))
+        joint = fit_logit(deltas[mask], y[mask], list(FEATURES))
+        probes.append(AnnotatorProbe(annotator, n, effects, position_bias(mine), joint))
     return probes
 
 
@@ -322,22 +375,27 @@ def _issue(rows: list[int]) -> Issue:
 def hygiene(pairs: list[Pair]) -> dict[str, Issue]:
     """Rows with each data problem:
 
-    duplicate       same prompt and same two answers as an earlier row, in either order (so a
-                    contradiction is also a duplicate); the later rows are reported
-    contradictory   same prompt and answers as an earlier row with chosen and rejected swapped
+    duplicate       same annotator (or both without one), same prompt and same two answers as an
+                    earlier row, in either order (so a contradiction is also a duplicate); the later
+                    rows are reported. Two annotators labelling the same pair is overlap, not a duplicate.
+    contradictory   same annotator, prompt and answers as an earlier row with chosen and rejected swapped
     identical       chosen equal to rejected (after stripping surrounding whitespace)
     empty           prompt, chosen or rejected empty or whitespace only
     truncated       chosen or rejected ``looks_truncated``
     """
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[str | None, str, str, str]] = set()
     found: dict[str, list[int]] = {name: [] for name in ("duplicate", "contradictory", "identical", "empty")}
     found["truncated"] = []
     for p in pairs:
-        if (p.prompt_key, p.chosen, p.rejected) in seen or (p.prompt_key, p.rejected, p.chosen) in seen:
+        same, swapped = (
+            (p.annotator, p.prompt_key, p.chosen, p.rejected),
+            (p.annotator, p.prompt_key, p.rejected, p.chosen),
+        )
+        if same in seen or swapped in seen:
             found["duplicate"].append(p.row)
-        if (p.prompt_key, p.rejected, p.chosen) in seen and p.chosen != p.rejected:
+        if swapped in seen and p.chosen != p.rejected:
             found["contradictory"].append(p.row)
-        seen.add((p.prompt_key, p.chosen, p.rejected))
+        seen.add(same)
         if p.chosen.strip() == p.rejected.strip():
             found["identical"].append(p.row)
         if not (p.prompt.strip() and p.chosen.strip() and p.rejected.strip()):
