@@ -131,7 +131,7 @@ def gae(
     return advantages, torch.where(m, advantages + values, 0.0)
 
 
-def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def score_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N,) group-major scores -> (N / k, k) in a float dtype (bool/int rewards welcome)."""
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2, got {group_size}")
@@ -154,7 +154,7 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, scale: bool = True) -
     scores: (N,), group-major (each prompt's k = group_size samples contiguous) -> (N,).
     Raises ValueError if N is not a multiple of group_size or group_size < 2.
     """
-    groups = _groups(scores, group_size)  # (N/k, k)
+    groups = score_groups(scores, group_size)  # (N/k, k)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale:
         centred = centred / (groups.std(dim=1, keepdim=True) + GROUP_STD_EPS)
@@ -169,7 +169,7 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     in LLMs" (RLOO). scores: (N,), group-major -> (N,).
     Raises ValueError if N is not a multiple of group_size or group_size < 2.
     """
-    groups = _groups(scores, group_size)  # (N/k, k)
+    groups = score_groups(scores, group_size)  # (N/k, k)
     baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return (groups - baseline).flatten()
 
