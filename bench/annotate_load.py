@@ -16,9 +16,10 @@ the page is fully rendered (navigation timing: load event end).
     python bench/annotate_load.py [--annotators 20] [--seconds 60] [--pairs 20000] [--think 0]
                                   [--kill-after 20] [--browser]
 
-``--think S`` makes each annotator wait a random 0 to 2·S seconds between labels (people take several
-seconds to read two answers); the default 0 is a stress test, every client posting as fast as the
-server answers, so latency is mostly time spent queueing behind the other clients.
+``--think S`` makes each annotator arrive after a random 0 to 2·S seconds and wait as long between
+labels (people take several seconds to read two answers); the default 0 is a stress test, every
+client starting at once and posting as fast as the server answers, so latency is mostly time spent
+queueing behind the other clients.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ async def annotate(
     """One annotator: next pair, a random choice, post it, wait ``think`` seconds on average; until the time is
     up, the queue is empty or the server is gone."""
     rng = random.Random(name)
+    if think:  # people arrive over time, not all in the same millisecond
+        await asyncio.sleep(rng.uniform(0, 2 * think))
     while time.monotonic() < until:
         try:
             start = time.perf_counter()

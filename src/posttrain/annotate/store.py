@@ -164,6 +164,7 @@ class Store:
         self._local = _PerThread()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._write_turn = threading.Lock()  # one writing thread at a time (see ``_write``)
         self.meta = meta = dict(self._conn().execute("SELECT key, value FROM meta"))
         self.overlap, self.gold_rate, self.seed = int(meta["overlap"]), float(meta["gold_rate"]), int(meta["seed"])
         rows = self._conn().execute("SELECT row, id, prompt, response_a, response_b, gold FROM pairs ORDER BY row")
@@ -245,11 +246,20 @@ class Store:
             raise
         connection.execute("COMMIT")
 
-    def _write(self, flush: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    @contextlib.contextmanager
+    def _write(self, flush: bool = True) -> Iterator[sqlite3.Connection]:
         """A write transaction: BEGIN IMMEDIATE takes the write lock at once, so what it reads stays true.
-        ``flush``: the commit waits for the WAL to be on disk (synchronous=FULL), else NORMAL."""
-        self._conn().execute(f"PRAGMA synchronous={'FULL' if flush else 'NORMAL'}")
-        return self._transaction("BEGIN IMMEDIATE")
+        ``flush``: the commit waits for the WAL to be on disk (synchronous=FULL), else NORMAL.
+
+        The threads of one process take turns on a Python lock first, which wakes the next one as soon as
+        a write ends: SQLite's busy handler waits for a held write lock by sleeping in steps of up to
+        100 ms, far longer than the few milliseconds a write holds it. Other processes (an
+        ``add-annotator`` beside the server) still meet SQLite's busy timeout."""
+        connection = self._conn()
+        with self._write_turn:
+            connection.execute(f"PRAGMA synchronous={'FULL' if flush else 'NORMAL'}")
+            with self._transaction("BEGIN IMMEDIATE") as db:
+                yield db
 
     def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A read transaction: one consistent snapshot (WAL readers do not wait for the writer)."""
