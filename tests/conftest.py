@@ -1,9 +1,18 @@
-"""Shared fixtures: a tiny Llama and BPE tokenizer built here (never downloaded), and data files."""
+"""Shared fixtures: a tiny Llama and BPE tokenizer built here (never downloaded), data files, and a
+``posttrain annotate serve`` running on a free loopback port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,3 +112,44 @@ def preference_rows(n: int, seed: int = 0, conversational: bool = False) -> list
         else:
             rows.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
     return rows
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, server: subprocess.Popen, seconds: float = 180) -> None:
+    """Until ``url`` answers 200; fails when the server exits or takes longer than ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"the server exited: {server.stderr.read()}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+    raise AssertionError(f"the server did not answer within {seconds} s")
+
+
+@contextlib.contextmanager
+def annotate_server(pairs: Path, db: Path, admin: str, *options: str) -> Iterator[str]:
+    """``posttrain annotate serve`` as the CLI runs it, in a subprocess on a free loopback port; yields its
+    base URL once the dashboard answers, and stops it by its pid afterwards (only the process started here)."""
+    port = free_port()
+    command = [sys.executable, "-m", "posttrain", "annotate", "serve", "--pairs", str(pairs), "--db", str(db),
+               "--port", str(port), "--admin-token", admin, *options]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/admin/{admin}", server)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -9,16 +9,14 @@ strengths and comments. Two responses carry markup that would set ``window.__pwn
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import annotate_server
 
 pytestmark = pytest.mark.slow
 
@@ -40,44 +38,13 @@ def posttrain(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True, text=True, timeout=300)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(url: str, server: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"the server exited: {server.stderr.read()}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.3)
-    raise AssertionError(f"the server did not answer within {seconds} s")
-
-
 @pytest.fixture
 def served(tmp_path):
     """(base url, pairs file, db) of a running ``posttrain annotate serve``; stopped by its pid afterwards."""
-    pairs, db, port = tmp_path / "pairs.jsonl", tmp_path / "labels.sqlite", free_port()
+    pairs, db = tmp_path / "pairs.jsonl", tmp_path / "labels.sqlite"
     pairs.write_text("".join(json.dumps(row) + "\n" for row in PAIRS))
-    command = [sys.executable, "-m", "posttrain", "annotate", "serve", "--pairs", str(pairs), "--db", str(db),
-               "--port", str(port), "--admin-token", ADMIN, "--overlap", "3", "--gold-rate", "0.3"]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/admin/{ADMIN}", server)
+    with annotate_server(pairs, db, ADMIN, "--overlap", "3", "--gold-rate", "0.3") as url:
         yield url, pairs, db
-    finally:
-        server.terminate()  # only the process started here, by its pid
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture
