@@ -88,15 +88,10 @@ def run(args: argparse.Namespace) -> None:
 
 def check_output(config: AuditConfig, config_file: str | None) -> Path:
     """OUTPUT is not the data (nor the config file), and is empty unless --overwrite."""
-    from posttrain.training.output import check_not_an_input
+    from posttrain.training.output import check_report_dir
 
-    check_not_an_input(config.output, [("--data", config.data)] + ([("--config", config_file)] if config_file else []))
-    output = Path(config.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {config.output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not config.overwrite:
-        raise UserError(f"--output {config.output}: directory is not empty; pass --overwrite to replace it")
-    return output
+    inputs = [("--data", config.data)] + ([("--config", config_file)] if config_file else [])
+    return check_report_dir(config.output, inputs, config.overwrite)
 
 
 def read_rows(source: str) -> list[dict]:

@@ -78,19 +78,13 @@ def run(args: argparse.Namespace) -> None:
 def check_output(config: EvalConfig, config_file: str | None) -> Path:
     """OUTPUT is no input of the run, and empty unless --overwrite."""
     from posttrain.rewards import spec_paths
-    from posttrain.training.output import check_not_an_input
+    from posttrain.training.output import check_report_dir
 
     inputs = [("--model", m) for m in config.model] + [("--data", config.data), ("--ref", config.ref),
               ("--abstention-phrases", config.abstention_phrases), ("--config", config_file or "")]  # fmt: skip
     inputs += [(flag, p) for flag, spec in (("--gold", config.gold), ("--abstention", config.abstention)) if spec
                for p in spec_paths(spec)]  # fmt: skip
-    check_not_an_input(config.output, [(flag, path) for flag, path in inputs if path])
-    output = Path(config.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {config.output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not config.overwrite:
-        raise UserError(f"--output {config.output}: directory is not empty; pass --overwrite to replace it")
-    return output
+    return check_report_dir(config.output, [(flag, path) for flag, path in inputs if path], config.overwrite)
 
 
 @dataclass

@@ -62,6 +62,17 @@ def check_not_an_input(output: str, inputs: list[tuple[str, str]]) -> None:
             raise UserError(f"--output {output}: lies inside {option} {value}; write the run somewhere else")
 
 
+def check_report_dir(output: str, inputs: list[tuple[str, str]], overwrite: bool) -> Path:
+    """An instrument's --output directory: not one of its inputs, not a file, and empty unless --overwrite."""
+    check_not_an_input(output, inputs)
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output {output}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"--output {output}: directory is not empty; pass --overwrite to replace it")
+    return path
+
+
 def sibling(output: Path, suffix: str) -> Path:
     """A hidden path beside OUTPUT: ``runs/.sft.lock`` for ``runs/sft``."""
     return output.parent / f".{output.name}.{suffix}"
