@@ -15,7 +15,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import yaml
@@ -23,9 +23,13 @@ import yaml
 from posttrain.errors import UserError
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by ``--help`` next to the default)."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, needs: str = "", needs_one_of: tuple = ()) -> Any:
+    """A config field with its help text (shown by ``--help`` next to the default).
+
+    ``needs`` names the option this one only tunes (and ``needs_one_of`` the values of it that use
+    this one; empty: any value but the default): set without it, the option would do nothing, so
+    ``refuse_idle_options`` refuses it."""
+    return field(default=default, metadata={"help": help, "needs": needs, "needs_one_of": needs_one_of})
 
 
 @dataclass
@@ -65,12 +69,15 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = option(False, "allow model code from the model's repository to run")
     lora_r: int = option(0, "LoRA rank; 0 trains all weights")
-    lora_alpha: int = option(16, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    lora_target_modules: str = option("all-linear", "comma-separated module names LoRA adapts, or all-linear")
+    lora_alpha: int = option(16, "LoRA alpha", needs="lora_r")
+    lora_dropout: float = option(0.05, "LoRA dropout", needs="lora_r")
+    lora_target_modules: str = option(
+        "all-linear", "comma-separated module names LoRA adapts, or all-linear", needs="lora_r"
+    )
     report_to: Literal["none", "tensorboard", "wandb", "trackio"] = option(
         "none", "also send metrics to this tracker (its package must be installed)"
     )
+    HELD_OUT: ClassVar[tuple[str, ...]] = ("eval_data", "eval_split")  # what --eval-steps evaluates on
 
     def validate(self) -> None:
         """Checks shared by every stage, before any work starts; raises UserError naming the option."""
@@ -92,6 +99,16 @@ class TrainConfig:
         require(self, "lora_alpha", self.lora_alpha >= 1 or not self.lora_r, "at least 1")
         if self.eval_split and self.eval_data:
             raise UserError("give either --eval-data or --eval-split, not both")
+        if self.eval_steps and not any(getattr(self, name) for name in self.HELD_OUT):
+            held_out = " or ".join(map(flag, self.HELD_OUT))
+            raise UserError(f"--eval-steps needs {held_out} (the held-out data it evaluates)")
+        if self.max_steps != -1 and self.epochs != 1:
+            raise UserError(f"--epochs {self.epochs} has no effect with --max-steps {self.max_steps}; give one of them")
+        for name in ("data", "eval_data"):
+            if self.data_split != "train" and Path(getattr(self, name)).expanduser().is_file():
+                raise UserError(f"--data-split picks a split of a hub dataset; {flag(name)} {getattr(self, name)} is a "
+                                "file, which has one")  # fmt: skip
+        refuse_idle_options(self)
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; choose one")
         if self.mixed_precision == "fp16" and not torch.accelerator.is_available():
@@ -107,6 +124,20 @@ def require(config: Any, name: str, holds: bool, meaning: str) -> None:
     """Raise a UserError naming ``--name`` unless ``holds``."""
     if not holds:
         raise UserError(f"{flag(name)} must be {meaning}, got {getattr(config, name)}")
+
+
+def refuse_idle_options(config: Any) -> None:
+    """Refuse an option set away from its default while the option it tunes (its ``needs``) is off:
+    it would be accepted and do nothing."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for f in dataclasses.fields(config):
+        needed, values = f.metadata["needs"], f.metadata["needs_one_of"]
+        if not needed or getattr(config, f.name) == defaults[f.name]:
+            continue
+        active = getattr(config, needed) in values if values else getattr(config, needed) != defaults[needed]
+        if not active:
+            wanted = f" {' or '.join(map(str, values))}" if values else ""
+            raise UserError(f"{flag(f.name)} needs {flag(needed)}{wanted} (it has no effect without it)")
 
 
 def check_finite_floats(config: Any) -> None:

@@ -19,16 +19,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from posttrain.ops.logprobs import sequence_log_probs
+from posttrain.ops.logprobs import sequence_log_probs, target_logits
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 
 
 def completion_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of each row's completion tokens and their count. ((N,), (N,))"""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_log_probs(logits, batch["labels"])
+    """Summed log-prob of each row's completion tokens and their count. ((N,), (N,))
+
+    Logits only from the batch's first completion position on: none over the shared prompt part.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits, labels = target_logits(model, inputs, batch["labels"])  # (N, K, V), (N, K)
+    return sequence_log_probs(logits, labels)
 
 
 @dataclass

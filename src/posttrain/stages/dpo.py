@@ -51,10 +51,14 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = option(
         0.0, "ε: label smoothing of cdpo, in [0, 0.5]; label-noise rate of robust, in [0, 0.5)"
     )
-    simpo_gamma: float = option(0.5, "γ: SimPO's target reward margin")
+    simpo_gamma: float = option(0.5, "γ: SimPO's target reward margin", needs="loss", needs_one_of=("simpo",))
     rpo_alpha: float = option(0.0, "α: weight of the chosen answer's NLL added to the loss (RPO); 0 disables it")
-    desirable_weight: float = option(1.0, "KTO's λ_D, weight of desirable examples")
-    undesirable_weight: float = option(1.0, "KTO's λ_U, weight of undesirable examples")
+    desirable_weight: float = option(
+        1.0, "KTO's λ_D, weight of desirable examples", needs="loss", needs_one_of=("kto",)
+    )
+    undesirable_weight: float = option(
+        1.0, "KTO's λ_U, weight of undesirable examples", needs="loss", needs_one_of=("kto",)
+    )
     ref: str = option("", "reference model (default: the starting model; with LoRA, the base with adapters off)")
     precompute_ref: bool = option(False, "compute the reference log-probs once, cache them on disk, reuse them")
     cache_dir: str = option("~/.cache/posttrain", "where --precompute-ref keeps reference log-probs")

@@ -37,7 +37,8 @@ from posttrain.stages.rl_monitor import RLMonitor
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.output import claim_output
 from posttrain.training.rl_loop import Experience, run_rl
-from posttrain.training.rollout import Rollout, batched_log_probs, response_log_probs, response_logits, sample
+from posttrain.training.rollout import Rollout, batched_log_probs, response_log_probs, response_logits
+from posttrain.training.sampler import SAMPLERS
 
 # Each maps (this process's scores (N,), k, every score of the rollout on all processes) -> advantages (N,).
 SCALED_ADVANTAGES = {
@@ -106,7 +107,8 @@ def make_experience(model, rows, *, tokenizer, reward, reference, gather, config
     ``--scale-rewards batch`` is over the whole rollout."""
     k = config.num_generations
     prompts = [p for p in rows["prompt"] for _ in range(k)]
-    rollout = sample(model, [p for p in rows["prompt_ids"] for _ in range(k)], tokenizer, config)
+    group_prompts = [p for p in rows["prompt_ids"] for _ in range(k)]  # group-major: the sampler prefills each once
+    rollout = SAMPLERS[config.sampler](model, group_prompts, tokenizer, config).rollout
     old_logps = batched_log_probs(model, rollout, config.temperature, config.batch_size)
     ref_logps = reference_log_probs(reference, rollout, config)
     completions = decode(rollout, tokenizer)

@@ -39,7 +39,8 @@ from posttrain.stages.rl_monitor import RLMonitor
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.output import claim_output
 from posttrain.training.rl_loop import Experience, run_rl
-from posttrain.training.rollout import Rollout, response_log_probs, sample
+from posttrain.training.rollout import Rollout, response_log_probs
+from posttrain.training.sampler import SAMPLERS
 
 
 @dataclass
@@ -51,7 +52,7 @@ class PPOConfig(RLConfig):
     whiten_advantages: bool = option(True, "whiten advantages over each rollout")
     kl_estimator: Literal["k1", "k3"] = option("k1", "k1: −β·KL in the per-token reward; k3: β·KL_k3 in the loss")
     kl_target: float = option(0.0, "target KL of the adaptive controller (nats per completion); 0: fixed --kl-coef")
-    kl_horizon: int = option(10000, "horizon of the adaptive controller, in samples")
+    kl_horizon: int = option(10000, "horizon of the adaptive controller, in samples", needs="kl_target")
     value_model: Literal["policy", "reward"] = option(
         "policy", "value head on the policy, or a value model initialised from the reward model"
     )
@@ -127,7 +128,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
 
 def make_experience(model, rows, *, tokenizer, reward, reference, controller, config: PPOConfig) -> Experience:
     """Sample, score and evaluate one rollout; advantages by GAE; update the KL coefficient."""
-    rollout = sample(model.policy, rows["prompt_ids"], tokenizer, config)
+    rollout = SAMPLERS[config.sampler](model.policy, rows["prompt_ids"], tokenizer, config).rollout
     old_logps, values, entropy = evaluate_rollout(model, rollout, config)
     ref_logps = reference_log_probs(reference, rollout, config)
     completions = decode(rollout, tokenizer)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from accelerate import Accelerator
@@ -19,15 +21,18 @@ from posttrain.models.loading import load_model
 from posttrain.models.reference import Reference
 from posttrain.rewards import Reward, parse_reward
 from posttrain.stages import common
-from posttrain.training.rl_loop import rl_plan, updates_per_iteration
+from posttrain.training.loop import make_plan
+from posttrain.training.rl_loop import updates_per_iteration
 from posttrain.training.rollout import Rollout, batched_log_probs, tokenize_prompts
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RLConfig(TrainConfig):
     learning_rate: float = option(1e-6, "peak learning rate of AdamW")
     max_steps: int = option(-1, "iterations (rollout + optimisation) to run; -1 means --epochs passes over the prompts")
-    max_length: int = option(512, "prompts are cut to their last N tokens")
+    max_length: int = option(512, "longest prompt in tokens (--truncation: cut to its last N tokens, or drop it)")
     prompts: str = option("", "prompts: any data file with a 'prompt' column (--data works too)")
     reward: str = option(
         "", "reward: a reward-model dir, an ensemble dir, module:function, or a weighted sum (a + 0.5*b)"
@@ -37,6 +42,9 @@ class RLConfig(TrainConfig):
     num_generations: int = option(1, "completions sampled per prompt")
     ppo_epochs: int = option(4, "optimisation passes over each rollout")
     max_new_tokens: int = option(64, "longest completion")
+    sampler: Literal["fast", "generate"] = option(
+        "fast", "fast: own KV-cache decode loop, one prefill per group (same tokens); generate: Hugging Face generate"
+    )
     temperature: float = option(0.7, "sampling temperature (log-probs are computed with the same temperature)")
     top_p: float = option(1.0, "nucleus sampling threshold")
     cliprange: float = option(0.2, "PPO ratio clipping ε")
@@ -46,20 +54,27 @@ class RLConfig(TrainConfig):
     ensemble_aggregate: Literal["mean", "min", "mean_minus_std", "uwo"] = option(
         "mean", "how an ensemble combines members: mean, min, mean − λ·std, or uwo: mean − λ·variance"
     )
-    ensemble_lambda: float = option(1.0, "λ of mean_minus_std and uwo")
+    ensemble_lambda: float = option(
+        1.0, "λ of mean_minus_std and uwo", needs="ensemble_aggregate", needs_one_of=("mean_minus_std", "uwo")
+    )
     gold_reward: str = option("", "a trusted reward that only measures, never trains: --reward's grammar")
-    gold_every: int = option(1, "score rollouts with --gold-reward every N iterations (the first and last always)")
+    gold_every: int = option(
+        1, "score rollouts with --gold-reward every N iterations (the first and last always)", needs="gold_reward"
+    )
     eval_prompts: str = option("", "held-out prompts, sampled every --eval-steps iterations, scored by proxy and gold")
     stop_on_overoptimisation: bool = option(
         False, "end the run when the gold reward falls while the proxy keeps rising (needs --gold-reward)"
     )
     onset_window: int = option(5, "gold-scored iterations averaged by the over-optimisation detector")
-    onset_z: float = option(3.0, "the smoothed gold must fall below its best by z standard errors (widened per look)")
+    onset_z: float = option(
+        3.0, "the smoothed gold must fall below its best by z standard errors (widened per look)", needs="gold_reward"
+    )
     kl_budget: float = option(0.0, "warn when the KL to the reference passes N nats per completion (0: no budget)")
     save_steps: int = option(50, "write a resumable checkpoint every N iterations (0: only at the end)")
     logging_steps: int = option(1, "write metrics every N iterations")
     sample_steps: int = option(10, "write sample completions to OUTPUT/samples.jsonl every N iterations")
     samples_per_log: int = option(4, "completions written each time")
+    HELD_OUT: ClassVar[tuple[str, ...]] = ("eval_prompts",)  # what --eval-steps samples
 
     def validate(self) -> None:
         if self.prompts and self.data and self.prompts != self.data:
@@ -77,7 +92,9 @@ class RLConfig(TrainConfig):
         if self.stop_on_overoptimisation and not self.gold_reward:
             raise UserError("--stop-on-overoptimisation needs --gold-reward: without a gold reward nothing tells "
                             "over-optimisation from progress")  # fmt: skip
-        self.refuse_unused_watch_options()
+        if self.lora_dropout != {f.name: f.default for f in dataclasses.fields(self)}["lora_dropout"]:
+            raise UserError("--lora-dropout has no effect in the RL stages: dropout is off, so that the log-probs "
+                            "of the rollout and of the update agree")  # fmt: skip
         for name in ("gold_every", "onset_window"):
             require(self, name, getattr(self, name) >= 1, "at least 1")
         require(self, "onset_z", self.onset_z > 0, "positive")
@@ -87,15 +104,6 @@ class RLConfig(TrainConfig):
         for name in ("kl_coef", "ensemble_lambda"):
             require(self, name, getattr(self, name) >= 0, "non-negative")
         require(self, "top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]")
-
-    def refuse_unused_watch_options(self) -> None:
-        """Options of the gold reward and of the held-out prompts have no effect without them: refused."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name in ("gold_every", "onset_z"):
-            if getattr(self, name) != defaults[name] and not self.gold_reward:
-                raise UserError(f"{flag(name)} needs --gold-reward (it tunes what the gold reward measures)")
-        if self.eval_steps and not self.eval_prompts:
-            raise UserError("--eval-steps needs --eval-prompts in the RL stages (the held-out prompts it samples)")
 
 
 @dataclass
@@ -115,7 +123,7 @@ def set_up(config: RLConfig, accelerator: Accelerator) -> RLSetup:
     set_seed(config.seed)
     tokenizer = common.load_stage_tokenizer(config)
     prompts = load_prompts(config, tokenizer, accelerator)
-    rl_plan(len(prompts), config, accelerator.num_processes)  # too few prompts or a bad batch: before loading
+    make_plan(len(prompts), config, accelerator.num_processes, config.rollout_prompts)  # too few: before loading
     updates_per_iteration(config, config.rollout_prompts * config.num_generations)
     held_out = load_prompts(config, tokenizer, accelerator, config.eval_prompts) if config.eval_prompts else None
     reward = load_rl_reward(config, accelerator)
@@ -126,10 +134,29 @@ def set_up(config: RLConfig, accelerator: Accelerator) -> RLSetup:
 
 
 def load_prompts(config: RLConfig, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator, source: str = ""):
-    """The training prompts (``--prompts``/``--data``), or the prompts of the file ``source``, tokenized."""
+    """The training prompts (``--prompts``/``--data``), or the prompts of the file ``source``, tokenized
+    and fitted to ``--max-length`` as ``--truncation`` says."""
     with accelerator.main_process_first():
         rows = load_rows(source, "train") if source else common.load_splits(config)[0]
-        return tokenize_prompts(rows, tokenizer, config.max_length, source or config.data)
+        tokenized = tokenize_prompts(rows, tokenizer, sys.maxsize, source or config.data)  # whole: drop needs it
+        return fit_prompts(tokenized, config.max_length, config.truncation, source or config.data)
+
+
+def fit_prompts(tokenized, max_length: int, truncation: str, source: str):
+    """Prompts over ``max_length`` tokens cut to their last ``max_length`` (the end of a prompt is what
+    the completion continues) or, with ``--truncation drop``, left out; says how many."""
+    too_long = sum(1 for n in tokenized["length"] if n > max_length)
+    if not too_long:
+        return tokenized
+    if truncation == "drop":
+        if too_long == len(tokenized):
+            raise UserError(f"{source}: every prompt is longer than --max-length {max_length}; raise it")
+        logger.warning("%s: dropped %d of %d prompts longer than --max-length %d", source, too_long,
+                       len(tokenized), max_length)  # fmt: skip
+        return tokenized.filter(lambda n: n <= max_length, input_columns="length")
+    logger.warning("%s: cut %d of %d prompts to their last %d tokens", source, too_long, len(tokenized), max_length)
+    return tokenized.map(lambda ids: {"prompt_ids": ids[-max_length:], "length": min(len(ids), max_length)},
+                         input_columns="prompt_ids")  # fmt: skip
 
 
 def load_rl_reference(config: RLConfig, policy, accelerator: Accelerator) -> Reference:

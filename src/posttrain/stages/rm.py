@@ -56,7 +56,9 @@ class RMConfig(TrainConfig):
     )
     ensemble: int = option(1, "train K reward models, seeds seed+i, into OUTPUT/member-i (Coste et al. 2023)")
     ensemble_shuffle: bool = option(
-        True, "ensemble members also see different data orders; --no-ensemble-shuffle keeps one (--data-seed)"
+        True,
+        "ensemble members also see different data orders; --no-ensemble-shuffle keeps one (--data-seed)",
+        needs="ensemble",
     )
 
     def validate(self) -> None:

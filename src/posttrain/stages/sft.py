@@ -19,6 +19,7 @@ from posttrain.config import TrainConfig, option
 from posttrain.data.collate import pack_dataset, pad_batch
 from posttrain.data.formats import detect_format, require_format, validate_rows
 from posttrain.data.tokenize import tokenize_dataset
+from posttrain.ops.logprobs import target_logits
 from posttrain.ops.losses import shifted_correct_sum, shifted_nll_sum
 from posttrain.stages import common
 from posttrain.training.loop import Batch, Batches, LossOutput, make_plan, train
@@ -36,11 +37,14 @@ class SFTConfig(TrainConfig):
 
 
 def sft_loss(model, batch: Batch) -> LossOutput:
-    """Summed next-token NLL over completion tokens, and the number predicted right."""
+    """Summed next-token NLL over completion tokens, and the number predicted right.
+
+    Logits only from the batch's first position that predicts a target (no LM head over the prompts).
+    """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits  # (B, T, V); no cache: packed rows need position_ids masks
-    loss_sum, _ = shifted_nll_sum(logits, batch["labels"])
-    return LossOutput(loss_sum, {"mean_token_accuracy": shifted_correct_sum(logits, batch["labels"])})
+    logits, labels = target_logits(model, inputs, batch["labels"])  # (B, K, V), (B, K)
+    loss_sum, _ = shifted_nll_sum(logits, labels)
+    return LossOutput(loss_sum, {"mean_token_accuracy": shifted_correct_sum(logits, labels)})
 
 
 def prepare(rows: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, config: SFTConfig) -> Batches:

@@ -68,9 +68,13 @@ class Plan:
     total_steps: int
 
 
-def make_plan(num_examples: int, config: TrainConfig, world_size: int) -> Plan:
-    global_batch = config.batch_size * config.grad_accum * world_size
+def make_plan(num_examples: int, config: TrainConfig, world_size: int, rollout_prompts: int = 0) -> Plan:
+    """The run's steps. A supervised step takes ``batch_size x grad_accum`` examples on each process;
+    an RL iteration (``rollout_prompts`` > 0) takes ``rollout_prompts`` prompts on each process."""
+    global_batch = (rollout_prompts or config.batch_size * config.grad_accum) * world_size
     steps_per_epoch = num_examples // global_batch
+    if steps_per_epoch == 0 and rollout_prompts:
+        raise UserError(f"the prompts file has {num_examples} prompts, fewer than one rollout of {global_batch}")
     if steps_per_epoch == 0:
         raise UserError(
             f"the training data has {num_examples} examples, fewer than one global batch of {global_batch} "
@@ -93,10 +97,12 @@ def reduce_sums(local: dict[str, torch.Tensor], accelerator: Accelerator) -> dic
 
 
 class EpochOrder:
-    """Global batches of the current epoch, recomputed only when the epoch changes."""
+    """Global batches of the current epoch (``--seed``/``--data-seed``, ``--group-by-length``),
+    recomputed only when the epoch changes: examples for the supervised loop, prompts for RL."""
 
-    def __init__(self, data: Batches, plan: Plan, config: TrainConfig) -> None:
-        self.lengths = list(data.dataset["length"])  # one int per example, read once
+    def __init__(self, data: Batches | datasets.Dataset, plan: Plan, config: TrainConfig) -> None:
+        dataset = data.dataset if isinstance(data, Batches) else data
+        self.lengths = list(dataset["length"])  # one int per example, read once
         self.plan, self.config = plan, config
         self.epoch, self.batches = -1, []
 
@@ -169,11 +175,13 @@ def evaluate(model, data: Batches, loss_fn: LossFn, accelerator: Accelerator, ba
     return {f"eval/{k}": v for k, v in window_record(reduce_sums(local, accelerator)).items()}
 
 
-def resume_state(output: Path, model, optimizer, scheduler, plan: Plan, accelerator: Accelerator) -> dict:
+def resume_state(output: Path, model, optimizer, scheduler, plan: Plan, accelerator: Accelerator,
+                 holders: dict | None = None) -> dict:  # fmt: skip
     """Load the newest readable complete checkpoint; refuse one written for other data or batch sizes.
 
-    Returns its trainer state, or ``{"step": 0}`` (and says so) when OUTPUT has none yet: a run
-    killed before its first checkpoint restarts from the beginning in the same OUTPUT.
+    ``holders`` (name -> object with ``load_state_dict``, e.g. the RL stages' KL controller) get their
+    saved state back. Returns the trainer state, or ``{"step": 0}`` (and says so) when OUTPUT has none
+    yet: a run killed before its first checkpoint restarts from the beginning in the same OUTPUT.
     """
     directory = output / "checkpoints"
     state = ckpt.load_newest_readable(directory, model, optimizer, scheduler, accelerator.process_index)
@@ -184,8 +192,31 @@ def resume_state(output: Path, model, optimizer, scheduler, plan: Plan, accelera
     if written != plan.__dict__:
         raise UserError(f"--resume: {directory} step {state['step']} was written for {written}, "
                         f"this run has {plan.__dict__}")  # fmt: skip
+    for name, holder in (holders or {}).items():
+        holder.load_state_dict(state["extra"][name])
     logger.info("--resume: continuing from step %d", state["step"])
     return state
+
+
+def save_due(step: int, plan: Plan, config: TrainConfig) -> bool:
+    """A resumable checkpoint every ``--save-steps`` steps; none at the last (the final model follows)."""
+    return bool(config.save_steps) and step % config.save_steps == 0 and step < plan.total_steps
+
+
+def save_state(output: Path, step: int, plan: Plan, model, optimizer, scheduler, accelerator: Accelerator,
+               config: TrainConfig, holders: dict | None = None) -> None:  # fmt: skip
+    """Write the checkpoint of ``step``: weights, optimizer, schedule, RNG, the plan it belongs to
+    (``resume_state`` checks it) and the state of each of ``holders``."""
+    state = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **plan.__dict__}
+    if holders:
+        state["extra"] = {name: holder.state_dict() for name, holder in holders.items()}
+    ckpt.save_checkpoint(output / "checkpoints", model, optimizer, scheduler, accelerator, state,
+                         config.save_total_limit)  # fmt: skip
+
+
+def log_due(step: int, plan: Plan, config: TrainConfig) -> bool:
+    """Metrics every ``--logging-steps`` steps and at the last."""
+    return step % config.logging_steps == 0 or step == plan.total_steps
 
 
 def start_output(config, accelerator: Accelerator, output: Path, start: int) -> None:
@@ -255,7 +286,7 @@ def train(
             add_sums(window, sums)
             window_steps += 1
             bar.update(1)
-            if step % config.logging_steps == 0 or step == plan.total_steps:
+            if log_due(step, plan, config):
                 now = time.perf_counter()
                 record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **window_record(window)}
                 record |= {"learning_rate": learning_rate, "grad_norm": grad_norm}
@@ -265,11 +296,8 @@ def train(
                 window, window_steps, tick = {}, 0, now
             if eval_data is not None and config.eval_steps and step % config.eval_steps == 0:
                 log.write({"step": step, **evaluate(model, eval_data, loss_fn, accelerator, config.batch_size)})
-            if config.save_steps and step % config.save_steps == 0 and step < plan.total_steps:
-                state = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **plan.__dict__}
-                ckpt.save_checkpoint(
-                    output / "checkpoints", model, optimizer, scheduler, accelerator, state, config.save_total_limit
-                )
+            if save_due(step, plan, config):
+                save_state(output, step, plan, model, optimizer, scheduler, accelerator, config)
     if eval_data is not None and not (config.eval_steps and plan.total_steps % config.eval_steps == 0):
         log.write({"step": plan.total_steps, **evaluate(model, eval_data, loss_fn, accelerator, config.batch_size)})
     return accelerator.unwrap_model(model)

@@ -1,14 +1,15 @@
 """The RL iteration shared by PPO, GRPO and RLOO, built from the shared loop's pieces.
 
 Each iteration (one "step" for logging, checkpoints and ``--max-steps``):
-  1. takes this process's prompts of the iteration's global batch (the same seeded order as
-     the supervised loop, so resume replays the same prompts);
+  1. takes this process's prompts of the iteration's global batch: the supervised loop's
+     ``make_plan`` and ``EpochOrder`` (seeded, ``--group-by-length``), so resume replays the same prompts;
   2. has the stage make experience: sample responses, score them, compute what its loss
      needs (old log-probs, reference log-probs, advantages, ...), all without gradient;
   3. runs ``ppo_epochs`` passes over the experience in shuffled mini-batches of
      ``batch_size x grad_accum`` samples per process, each one ``optimizer_step`` of the
      shared loop (token-level normalisation over the mini-batch on all processes);
-  4. logs the iteration's metrics and writes resumable checkpoints, with the stage's
+  4. logs the iteration's metrics and writes resumable checkpoints with the supervised loop's
+     helpers (``log_due``, ``save_due``, ``save_state``, ``resume_state``), with the stage's
      extra state (e.g. the adaptive KL coefficient).
 """
 
@@ -26,16 +27,20 @@ import datasets
 import torch
 from accelerate import Accelerator
 
-from posttrain.data.sampler import epoch_batches, micro_batch
+from posttrain.data.sampler import micro_batch
 from posttrain.errors import UserError
-from posttrain.training import checkpoint as ckpt
 from posttrain.training.faults import maybe_die
 from posttrain.training.loop import (
     Batch,
+    EpochOrder,
     Plan,
     add_sums,
+    log_due,
+    make_plan,
     optimizer_step,
     resume_state,
+    save_due,
+    save_state,
     start_output,
     to_device,
     window_record,
@@ -59,15 +64,6 @@ class Experience:
 
 
 MakeExperience = Callable[[torch.nn.Module, dict[str, list]], Experience]
-
-
-def rl_plan(num_prompts: int, config, world_size: int) -> Plan:
-    global_batch = config.rollout_prompts * world_size
-    steps_per_epoch = num_prompts // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"the prompts file has {num_prompts} prompts, fewer than one rollout of {global_batch}")
-    total = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.epochs
-    return Plan(global_batch, steps_per_epoch, total)
 
 
 def updates_per_iteration(config, samples: int) -> int:
@@ -126,33 +122,25 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
 
     ``monitor`` (``posttrain.stages.rl_monitor.RLMonitor``) watches each rollout before the update
     and samples held-out prompts; it may end the run early (``--stop-on-overoptimisation``)."""
-    plan = rl_plan(len(prompts), config, accelerator.num_processes)
+    plan = make_plan(len(prompts), config, accelerator.num_processes, config.rollout_prompts)
     disable_dropout(model)
     updates = updates_per_iteration(config, config.rollout_prompts * config.num_generations)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, plan.total_steps * updates)
-    extra_state = extra_state | {"monitor": monitor}
+    holders = extra_state | {"monitor": monitor}
     start = 0
     if config.resume:
-        state = resume_state(output, model, optimizer, scheduler, plan, accelerator)
-        start = state["step"]
-        for name, holder in extra_state.items() if start else ():
-            holder.load_state_dict(state["extra"][name])
+        start = resume_state(output, model, optimizer, scheduler, plan, accelerator, holders)["step"]
     start_output(config, accelerator, output, start)
     model, optimizer = accelerator.prepare(model, optimizer)
     log = MetricsLog(output / "metrics.jsonl", accelerator)
     if start == 0 and monitor.eval_due(0, last=False):
         log.write({"step": 0} | monitor.evaluate(accelerator.unwrap_model(model)))
     with progress_bar(plan.total_steps, start, "rl", accelerator.is_main_process) as bar:
-        seed = config.seed if config.data_seed < 0 else config.data_seed
-        lengths, batches, epoch_seen = list(prompts["length"]), [], -1
+        order = EpochOrder(prompts, plan, config)
         for step in range(start + 1, plan.total_steps + 1):
-            epoch, index = divmod(step - 1, plan.steps_per_epoch)
-            if epoch != epoch_seen:
-                batches, epoch_seen = epoch_batches(lengths, plan.global_batch, seed, epoch), epoch
-            mine = micro_batch(
-                batches[index], 0, accelerator.process_index, accelerator.num_processes, config.rollout_prompts
-            )
+            mine = micro_batch(order.global_batch(step), 0, accelerator.process_index, accelerator.num_processes,
+                               config.rollout_prompts)  # fmt: skip
             tick, last = time.perf_counter(), step == plan.total_steps
             model.eval()
             experience = make_experience(accelerator.unwrap_model(model), prompts[mine])
@@ -169,7 +157,7 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
             if monitor.eval_due(step, last or monitor.stop):
                 record |= monitor.evaluate(accelerator.unwrap_model(model))
             bar.update(1)
-            if step % config.logging_steps == 0 or last or monitor.stop:
+            if log_due(step, plan, config) or monitor.stop:
                 log.write(record)
             if step % config.sample_steps == 0 or last or monitor.stop:
                 write_samples(output / "samples.jsonl", step, experience.samples, accelerator)
@@ -177,11 +165,8 @@ def run_rl(model, prompts: datasets.Dataset, make_experience: MakeExperience, lo
             if monitor.stop:
                 logger.info("--stop-on-overoptimisation: stopping after iteration %d", step)
                 break
-            if config.save_steps and step % config.save_steps == 0 and not last:
-                state = {"step": step, "epoch": epoch, **plan.__dict__,
-                         "extra": {name: holder.state_dict() for name, holder in extra_state.items()}}  # fmt: skip
-                ckpt.save_checkpoint(output / "checkpoints", model, optimizer, scheduler, accelerator, state,
-                                     config.save_total_limit)  # fmt: skip
+            if save_due(step, plan, config):
+                save_state(output, step, plan, model, optimizer, scheduler, accelerator, config, holders)
     monitor.finish()
     return accelerator.unwrap_model(model)
 

@@ -1,0 +1,98 @@
+"""The fast sampler draws the very tokens Hugging Face ``generate`` draws, prefills each distinct
+prompt once, stops when every row has ended, and returns the log-probs a scoring forward gives."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.training.rollout import batched_log_probs
+from posttrain.training.sampler import distinct_prompts, fast_sampler, generate_sampler
+
+TEXTS = ["the cat sat", "a dog", "one two three four five", "a"]
+
+
+def load(directory, eos_bias: float = 2.5):
+    """The tiny model with ``eos_bias`` added to its EOS logit, so that completions end early."""
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    bias = torch.zeros(model.config.vocab_size)
+    bias[tokenizer.eos_token_id] = eos_bias
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + bias)
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS for _ in range(3)]  # groups of 3, as GRPO asks
+    return model, tokenizer, prompts
+
+
+def settings(temperature: float, top_p: float, max_new_tokens: int = 20):
+    return types.SimpleNamespace(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+
+
+def both(model, tokenizer, prompts, config, seed: int):
+    torch.manual_seed(seed)
+    expected = generate_sampler(model, prompts, tokenizer, config)
+    torch.manual_seed(seed)
+    return expected, fast_sampler(model, prompts, tokenizer, config)
+
+
+def assert_same_rollout(a, b) -> None:
+    assert a.prompt_length == b.prompt_length
+    for name in ("sequences", "attention", "response_mask", "ended"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_distinct_prompts_by_hand():
+    unique, copy_of = distinct_prompts([[5, 6], [7], [5, 6], [7], [8, 9, 1]])
+    assert unique == [[5, 6], [7], [8, 9, 1]]
+    assert copy_of.tolist() == [0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.7, 1.0), (1.0, 0.9), (1.3, 0.5)])
+def test_same_tokens_as_generate(tiny_model, temperature, top_p):
+    model, tokenizer, prompts = load(tiny_model)
+    ended = 0
+    for seed in range(3):
+        expected, got = both(model, tokenizer, prompts, settings(temperature, top_p), seed)
+        assert_same_rollout(expected.rollout, got.rollout)
+        ended += int(got.rollout.ended.sum())
+    if temperature > 0:
+        assert ended > 0, "the check must cover rows that end early"
+
+
+def test_same_tokens_when_pad_is_eos(tiny_model_pad_eos):
+    model, tokenizer, prompts = load(tiny_model_pad_eos)
+    for seed in range(3):
+        expected, got = both(model, tokenizer, prompts, settings(0.8, 0.95), seed)
+        assert_same_rollout(expected.rollout, got.rollout)
+
+
+def test_stops_when_every_row_has_ended(tiny_model):
+    model, tokenizer, prompts = load(tiny_model, eos_bias=8.0)  # EOS nearly certain
+    expected, got = both(model, tokenizer, prompts, settings(1.0, 1.0, max_new_tokens=40), seed=0)
+    assert_same_rollout(expected.rollout, got.rollout)
+    assert bool(got.rollout.ended.all())
+    assert got.rollout.responses.shape[1] < 40  # no step past the last EOS
+
+
+def test_each_distinct_prompt_is_prefilled_once(tiny_model):
+    model, tokenizer, prompts = load(tiny_model)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)  # fmt: skip
+    try:
+        fast_sampler(model, prompts, tokenizer, settings(0.7, 1.0, max_new_tokens=5))
+    finally:
+        hook.remove()
+    assert rows[0][0] == len(TEXTS)  # the prefill: one row per distinct prompt
+    assert all(shape == (len(prompts), 1) for shape in rows[1:])  # decode: one token for every row
+
+
+def test_log_probs_match_a_scoring_forward(tiny_model):
+    model, tokenizer, prompts = load(tiny_model)
+    torch.manual_seed(0)
+    samples = fast_sampler(model, prompts, tokenizer, settings(0.7, 0.9))
+    scored = batched_log_probs(model, samples.rollout, 0.7, batch_size=5)
+    torch.testing.assert_close(samples.log_probs, scored, atol=1e-5, rtol=1e-5)
+    assert bool((samples.log_probs[samples.rollout.response_mask == 0] == 0).all())
