@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.training.rollout import batched_log_probs
+from posttrain.training.rollout import batched_log_probs, group_log_probs
 from posttrain.training.sampler import distinct_prompts, fast_sampler, generate_sampler
 
 TEXTS = ["the cat sat", "a dog", "one two three four five", "a"]
@@ -96,3 +96,29 @@ def test_log_probs_match_a_scoring_forward(tiny_model):
     scored = batched_log_probs(model, samples.rollout, 0.7, batch_size=5)
     torch.testing.assert_close(samples.log_probs, scored, atol=1e-5, rtol=1e-5)
     assert bool((samples.log_probs[samples.rollout.response_mask == 0] == 0).all())
+
+
+@pytest.mark.parametrize("batch_size", [2, 5, 12])  # a group split across chunks, whole groups, all at once
+def test_group_log_probs_match_the_full_forward(tiny_model, batch_size):
+    model, tokenizer, prompts = load(tiny_model)  # 4 prompts of different lengths, 3 rows each
+    torch.manual_seed(1)
+    rollout = fast_sampler(model, prompts, tokenizer, settings(1.0, 1.0)).rollout
+    assert rollout.prompt_length > min(len(p) for p in prompts)  # left padding is covered
+    expected = batched_log_probs(model, rollout, 0.7, batch_size=4)
+    got = group_log_probs(model, rollout, 3, 0.7, batch_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert bool((got[rollout.response_mask == 0] == 0).all())
+
+
+def test_group_log_probs_run_each_prompt_once(tiny_model):
+    model, tokenizer, prompts = load(tiny_model)
+    rollout = fast_sampler(model, prompts, tokenizer, settings(1.0, 1.0, max_new_tokens=6)).rollout
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)  # fmt: skip
+    try:
+        group_log_probs(model, rollout, 3, 1.0, batch_size=12)
+    finally:
+        hook.remove()
+    responses = rollout.sequences.shape[1] - rollout.prompt_length
+    assert shapes == [(len(TEXTS), rollout.prompt_length), (len(prompts), responses - 1)]

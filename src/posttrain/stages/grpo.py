@@ -36,7 +36,7 @@ from posttrain.stages.rl_common import (
 from posttrain.stages.rl_monitor import RLMonitor
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.output import claim_output
-from posttrain.training.rl_loop import Experience, run_rl
+from posttrain.training.rl_loop import Experience, run_rl, updates_per_iteration
 from posttrain.training.rollout import Rollout, batched_log_probs, response_log_probs, response_logits
 from posttrain.training.sampler import SAMPLERS
 
@@ -108,9 +108,13 @@ def make_experience(model, rows, *, tokenizer, reward, reference, gather, config
     k = config.num_generations
     prompts = [p for p in rows["prompt"] for _ in range(k)]
     group_prompts = [p for p in rows["prompt_ids"] for _ in range(k)]  # group-major: the sampler prefills each once
-    rollout = SAMPLERS[config.sampler](model, group_prompts, tokenizer, config).rollout
-    old_logps = batched_log_probs(model, rollout, config.temperature, config.batch_size)
-    ref_logps = reference_log_probs(reference, rollout, config)
+    samples = SAMPLERS[config.sampler](model, group_prompts, tokenizer, config)
+    rollout = samples.rollout
+    if on_policy(config) and samples.log_probs is not None:
+        old_logps = samples.log_probs  # metrics only (the loss detaches the new ones): no forward for them
+    else:
+        old_logps = batched_log_probs(model, rollout, config.temperature, config.batch_size)
+    ref_logps = reference_log_probs(reference, rollout, config, group_size=k)  # each prompt run once
     completions = decode(rollout, tokenizer)
     scores = score(reward, prompts, completions, rollout, config)
     mask = rollout.response_mask
@@ -136,6 +140,13 @@ def make_experience(model, rows, *, tokenizer, reward, reference, gather, config
     return Experience(tensors, metrics, samples, prompts, completions, scores)
 
 
+def on_policy(config: GRPOConfig) -> bool:
+    """One optimizer step per rollout (μ = 1 and one mini-batch): the policy that sampled is the one being
+    updated, so the old log-probs are the new ones detached (ratio exactly 1, as in TRL's GRPOTrainer with
+    ``num_iterations`` 1), and the rollout spends no forward pass on them."""
+    return updates_per_iteration(config, config.rollout_prompts * config.num_generations) == 1
+
+
 def loss_mask(rollout: Rollout, config: GRPOConfig) -> torch.Tensor:
     """The response tokens that enter the loss: all of them, or with ``--mask-truncated-completions``
     only those of completions that emitted EOS (TRL's ``mask_truncated_completions``). (B, T)"""
@@ -152,7 +163,8 @@ def group_loss(model, batch: Batch, *, config: GRPOConfig) -> LossOutput:
     rollout = Rollout.from_batch(batch)
     mask = loss_mask(rollout, config)
     logps = response_log_probs(response_logits(model, rollout), rollout, config.temperature)
-    log_ratio = grpo_losses.IMPORTANCE_LEVELS[config.importance_sampling_level](logps, batch["old_logprobs"], mask)
+    old_logps = logps.detach() if on_policy(config) else batch["old_logprobs"]
+    log_ratio = grpo_losses.IMPORTANCE_LEVELS[config.importance_sampling_level](logps, old_logps, mask)
     pg, clipped = grpo_losses.clip_higher_token_loss(log_ratio, batch["advantages"], mask, config.cliprange,
                                                      config.epsilon_high)  # fmt: skip
     kl = rl.kl_k3(logps, batch["ref_logprobs"])
@@ -161,7 +173,7 @@ def group_loss(model, batch: Batch, *, config: GRPOConfig) -> LossOutput:
                              max_completion_length=config.max_new_tokens)  # fmt: skip
     weight = batch["n_targets"]  # C_b
     with torch.no_grad():
-        token_log_ratio = grpo_losses.token_log_ratio(logps, batch["old_logprobs"], mask)
+        token_log_ratio = grpo_losses.token_log_ratio(logps, old_logps, mask)
         metrics = {"policy/approxkl": 0.5 * grpo_losses.token_mean(token_log_ratio**2, mask),
                    "policy/clipfrac": grpo_losses.token_mean(clipped.float(), mask),
                    "policy/kl_k3": grpo_losses.token_mean(kl, mask)}  # fmt: skip

@@ -39,7 +39,7 @@ from posttrain.stages.rl_monitor import RLMonitor
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.output import claim_output
 from posttrain.training.rl_loop import Experience, run_rl
-from posttrain.training.rollout import Rollout, response_log_probs
+from posttrain.training.rollout import Rollout, response_log_probs, response_window
 from posttrain.training.sampler import SAMPLERS
 
 
@@ -81,10 +81,11 @@ class PolicyWithValue(torch.nn.Module):
         inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention,
                   "position_ids": rollout.positions()}  # fmt: skip
         shared = self.value_backbone is None
-        out = self.policy(**inputs, use_cache=False, output_hidden_states=shared)
+        out = self.policy(**inputs, use_cache=False, output_hidden_states=shared,
+                          logits_to_keep=response_window(rollout))  # fmt: skip
         hidden = out.hidden_states[-1] if shared else self.value_backbone(**inputs).last_hidden_state
         span = slice(rollout.prompt_length - 1, -1)  # state before each response token
-        return out.logits[:, span], self.value_head(hidden[:, span]).squeeze(-1)
+        return out.logits[:, :-1], self.value_head(hidden[:, span]).squeeze(-1)
 
 
 def build_value(policy, config: PPOConfig, tokenizer) -> PolicyWithValue:

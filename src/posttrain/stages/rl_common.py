@@ -23,7 +23,7 @@ from posttrain.rewards import Reward, parse_reward
 from posttrain.stages import common
 from posttrain.training.loop import make_plan
 from posttrain.training.rl_loop import updates_per_iteration
-from posttrain.training.rollout import Rollout, batched_log_probs, tokenize_prompts
+from posttrain.training.rollout import Rollout, batched_log_probs, group_log_probs, tokenize_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +168,13 @@ def load_rl_reference(config: RLConfig, policy, accelerator: Accelerator) -> Ref
     return Reference(model.eval().requires_grad_(False).to(accelerator.device))
 
 
-def reference_log_probs(reference: Reference, rollout: Rollout, config: RLConfig) -> torch.Tensor:
-    """Per-token log-probs of the responses under the reference (batched, no gradient). (N, R)"""
+def reference_log_probs(reference: Reference, rollout: Rollout, config: RLConfig, group_size: int = 1) -> torch.Tensor:
+    """Per-token log-probs of the responses under the reference (batched, no gradient); rows in groups of
+    ``group_size`` > 1 with one prompt (group-major) have that prompt run once per group. (N, R)"""
     off = reference.model.disable_adapter() if reference.adapters_off else contextlib.nullcontext()
     with off:
+        if group_size > 1:
+            return group_log_probs(reference.model, rollout, group_size, config.temperature, config.batch_size)
         return batched_log_probs(reference.model, rollout, config.temperature, config.batch_size)
 
 

@@ -121,11 +121,18 @@ def sample(model, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase, 
     return Rollout(out, torch.cat([mask, resp_mask], dim=1), resp_mask, ids.shape[1], ended)
 
 
+def response_window(rollout: Rollout) -> int:
+    """Positions whose logits a response needs: the last prompt token's and every response token's
+    (the last one's is dropped after the LM head). Passed as ``logits_to_keep``, it spares the LM head
+    (2·hidden·vocab FLOPs a position) the P − 1 prompt positions that predict nothing sampled."""
+    return rollout.sequences.shape[1] - rollout.prompt_length + 1  # R + 1
+
+
 def response_logits(model, rollout: Rollout) -> torch.Tensor:
     """Logits that predict each response token, (N, R, V)."""
-    out = model(input_ids=rollout.sequences, attention_mask=rollout.attention,
-                position_ids=rollout.positions(), use_cache=False)  # fmt: skip
-    return out.logits[:, rollout.prompt_length - 1 : -1]
+    out = model(input_ids=rollout.sequences, attention_mask=rollout.attention, position_ids=rollout.positions(),
+                use_cache=False, logits_to_keep=response_window(rollout))  # fmt: skip
+    return out.logits[:, :-1]  # positions P − 1 .. P + R − 2
 
 
 def response_log_probs(logits: torch.Tensor, rollout: Rollout, temperature: float) -> torch.Tensor:
@@ -141,4 +148,36 @@ def batched_log_probs(model, rollout: Rollout, temperature: float, batch_size: i
     for start in range(0, len(rollout.sequences), batch_size):
         part = rollout.select(torch.arange(start, min(start + batch_size, len(rollout.sequences))))
         parts.append(response_log_probs(response_logits(model, part), part, temperature))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def group_log_probs(model, rollout: Rollout, group_size: int, temperature: float, batch_size: int) -> torch.Tensor:
+    """``batched_log_probs`` of a rollout whose rows come in groups of ``group_size`` with one prompt
+    (GRPO's k completions, group-major): each prompt runs once and its KV cache is repeated for the
+    group's responses, so the forward covers G·P + N·R positions instead of N·(P + R). Chunks of
+    whole groups of about ``batch_size`` rows. Same values as the full forward up to float rounding
+    (attention over a cache sums in another order). (N, R)"""
+    n, width = rollout.sequences.shape[0], rollout.prompt_length
+    rows_per_chunk = max(batch_size // group_size, 1) * group_size
+    positions, parts = rollout.positions(), []
+    for start in range(0, n, rows_per_chunk):
+        rows = torch.arange(start, min(start + rows_per_chunk, n), device=rollout.sequences.device)
+        firsts = rows[::group_size]  # one row per group: its prompt is the group's
+        out = model(input_ids=rollout.sequences[firsts, :width], attention_mask=rollout.attention[firsts, :width],
+                    position_ids=positions[firsts, :width], use_cache=True, logits_to_keep=1)  # fmt: skip
+        cache = out.cache
+        cache.batch_repeat_interleave(group_size)  # (G, ...) -> (G·k, ...)
+        first = out.logits.repeat_interleave(group_size, dim=0)  # (G·k, 1, V): predicts each first response token
+        logits = first
+        if rollout.sequences.shape[1] - width > 1:  # responses of one token need nothing more
+            rest = model(
+                input_ids=rollout.sequences[rows, width:-1],
+                attention_mask=rollout.attention[rows, :-1],
+                position_ids=positions[rows, width:-1],
+                cache=cache,
+                use_cache=True,
+            ).logits  # (G·k, R − 1, V)
+            logits = torch.cat([first, rest], dim=1)
+        parts.append(response_log_probs(logits, rollout.select(rows), temperature))
     return torch.cat(parts)
