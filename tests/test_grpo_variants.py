@@ -24,6 +24,7 @@ from posttrain.ops.grpo_losses import (
     sequence_log_ratio,
     token_log_ratio,
 )
+from posttrain.stages import grpo
 from posttrain.stages.grpo import GRPOConfig, group_loss
 from posttrain.training.loop import LossOutput, accumulate
 from posttrain.training.rl_loop import Experience, mini_batches
@@ -148,14 +149,16 @@ def test_overlong_penalty_follows_dapo_eq_13():
 # --- the trainer's loss on a tiny model -------------------------------------------------------
 
 
-def experience_batch(tiny_model, n: int = 8, prompt: int = 3, width: int = 6, seed: int = 0):
+def experience_batch(tiny_model, n: int = 8, prompt: int = 3, width: int = 6, seed: int = 0, group: int = 1):
     """A model, and experience tensors as make_experience builds them: varied lengths, some truncated,
-    old and reference log-probs away from the current ones so that ratios clip."""
+    old and reference log-probs away from the current ones so that ratios clip; rows in groups of
+    ``group`` with one prompt."""
     generator = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     lengths = torch.tensor([6, 2, 4, 1, 5, 3, 6, 2])[:n]
     response_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     sequences = torch.randint(3, 300, (n, prompt + width), generator=generator)
+    sequences[:, :prompt] = sequences[::group, :prompt].repeat_interleave(group, dim=0)
     attention = torch.cat([torch.ones(n, prompt, dtype=torch.long), response_mask], dim=1)
     rollout = Rollout(sequences, attention, response_mask, prompt, lengths < width)
     with torch.no_grad():
@@ -170,27 +173,33 @@ def experience_batch(tiny_model, n: int = 8, prompt: int = 3, width: int = 6, se
 
 
 def variant_config(**overrides) -> GRPOConfig:
+    """A config whose micro-batches of 2 and 8 share no prompts (3 generations), unless overridden."""
+    overrides = {"num_generations": 3} | overrides
     config = GRPOConfig(model="m", prompts="p", reward="r", output="o", max_new_tokens=6, temperature=1.0, **overrides)
     config.validate()
     return config
 
 
-def step_grads(tiny_model, config: GRPOConfig, batch_size: int, grad_accum: int):
-    """Gradients and loss of one optimizer step over all 8 samples, through the loop's own batching."""
-    model, tensors = experience_batch(tiny_model)
+def step_grads(tiny_model, config: GRPOConfig, batch_size: int, grad_accum: int, group: int = 1):
+    """Gradients and loss of one optimizer step over all 8 samples, through the loop's own batching
+    (micro-batches keep groups of ``group`` rows whole)."""
+    model, tensors = experience_batch(tiny_model, group=group)
     tensors["n_targets"] = LOSS_TYPES[config.loss_type].weight(tensors["response_mask"])
-    experience = Experience(tensors, {}, [], [], [], torch.zeros(8))
+    experience = Experience(tensors, {}, [], [], [], torch.zeros(8), group)
     config = dataclasses.replace(config, batch_size=batch_size, grad_accum=grad_accum, ppo_epochs=1)
     (micro,) = mini_batches(experience, config, seed=3)
     sums = accumulate(model, micro, lambda m, b: group_loss(m, b, config=config), Accelerator(cpu=True))
     return {n: p.grad.clone() for n, p in model.named_parameters()}, sums["loss"] / sums["n_targets"]
 
 
+@pytest.mark.parametrize("group", [1, 2])  # 2: each group's prompt packed once with its responses
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
-def test_accumulation_matches_one_big_batch_where_promised(tiny_model, tmp_path, loss_type):
-    config = variant_config(loss_type=loss_type, epsilon_high=0.28, mask_truncated_completions=True)
-    large, loss_large = step_grads(tiny_model, config, batch_size=8, grad_accum=1)
-    small, loss_small = step_grads(tiny_model, config, batch_size=2, grad_accum=4)
+def test_accumulation_matches_one_big_batch_where_promised(tiny_model, tmp_path, loss_type, group):
+    config = variant_config(loss_type=loss_type, epsilon_high=0.28, mask_truncated_completions=True,
+                            num_generations=group if group > 1 else 3)  # fmt: skip
+    assert grpo.shares_prompts(dataclasses.replace(config, batch_size=2)) == (group == 2)
+    large, loss_large = step_grads(tiny_model, config, batch_size=8, grad_accum=1, group=group)
+    small, loss_small = step_grads(tiny_model, config, batch_size=2, grad_accum=4, group=group)
     same = all(torch.allclose(small[n], large[n], atol=1e-7, rtol=1e-5) for n in large)
     if loss_type == "bnpo":  # the mean of micro-batch token means: not one big batch's token mean
         assert not same and abs(loss_small - loss_large) > 1e-4
@@ -311,8 +320,32 @@ def test_bad_options_exit_2_with_one_line(tiny_model, tmp_path, capsys, options,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("options", [["--loss-type", "sum"], ["--no-scale-rewards"], ["--scale-rewards", "yes"]])
-def test_argparse_refuses_unknown_choices(tiny_model, tmp_path, options):
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--loss-type", "sum"],
+            "argument --loss-type: invalid choice: 'sum' (choose from 'dapo', 'grpo', 'bnpo', 'dr_grpo')",
+        ),
+        (["--no-scale-rewards"], "unrecognized arguments: --no-scale-rewards"),
+        (
+            ["--scale-rewards", "yes"],
+            "argument --scale-rewards: invalid choice: 'yes' (choose from 'group', 'batch', 'none')",
+        ),
+    ],
+)
+def test_argparse_refuses_unknown_choices(tiny_model, tmp_path, capsys, options, message):
     with pytest.raises(SystemExit) as exit_info:
         main(grpo_args(tiny_model, tmp_path, tmp_path / "out", *options))
     assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"posttrain grpo: error: {message}"]
+
+
+@pytest.mark.parametrize("option", ["--importance-sampling-level", "--epsilon-high", "--loss-type"])
+def test_a_grpo_option_given_to_ppo_names_the_stages_that_take_it(capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ppo", "--output", "out", option, "sequence"])
+    assert exit_info.value.code == 2
+    hint = f"({option} is an option of posttrain grpo / rloo)"
+    expected = f"posttrain ppo: error: unrecognized arguments: {option} sequence {hint}"
+    assert capsys.readouterr().err.splitlines() == [expected]

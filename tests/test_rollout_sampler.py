@@ -9,7 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.training.rollout import batched_log_probs, group_log_probs
+from posttrain.training.rollout import (
+    batched_log_probs,
+    group_log_probs,
+    group_response_logits,
+    response_log_probs,
+    response_logits,
+    shared_prompt_mask,
+)
 from posttrain.training.sampler import distinct_prompts, fast_sampler, generate_sampler
 
 TEXTS = ["the cat sat", "a dog", "one two three four five", "a"]
@@ -121,4 +128,41 @@ def test_group_log_probs_run_each_prompt_once(tiny_model):
     finally:
         hook.remove()
     responses = rollout.sequences.shape[1] - rollout.prompt_length
-    assert shapes == [(len(TEXTS), rollout.prompt_length), (len(prompts), responses - 1)]
+    assert shapes == [(len(TEXTS), rollout.prompt_length + 3 * responses)]  # one packed row per group
+
+
+def test_shared_prompt_mask_by_hand():
+    # one group: a prompt of 3 slots (the first is padding), k = 2 responses of 2 slots (the second
+    # response ended after 1 token): [pad p1 p2 | a1 a2 | b1 pad]
+    prompt = torch.tensor([[0, 1, 1]])
+    responses = torch.tensor([[[1, 1], [1, 0]]])
+    expected = torch.tensor(
+        [  # keys: pad p1 p2 a1 a2 b1 pad
+            [1, 0, 0, 0, 0, 0, 0],  # pad: itself only
+            [0, 1, 0, 0, 0, 0, 0],  # p1
+            [0, 1, 1, 0, 0, 0, 0],  # p2
+            [0, 1, 1, 1, 0, 0, 0],  # a1: the prompt, itself
+            [0, 1, 1, 1, 1, 0, 0],  # a2: the prompt, a1, itself
+            [0, 1, 1, 0, 0, 1, 0],  # b1: the prompt, itself, never a1 or a2
+            [0, 1, 1, 0, 0, 1, 1],  # the pad after b1: the prompt, b1, itself
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(shared_prompt_mask(prompt, responses), expected[None, None])
+
+
+def test_group_response_logits_match_the_full_forward_with_gradients(tiny_model):
+    model, tokenizer, prompts = load(tiny_model)
+    torch.manual_seed(2)
+    rollout = fast_sampler(model, prompts, tokenizer, settings(1.0, 1.0, max_new_tokens=8)).rollout
+    mask = rollout.response_mask.float()
+    model.train()
+    full = (response_log_probs(response_logits(model, rollout), rollout, 1.0) * mask).sum()
+    full.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    shared = (response_log_probs(group_response_logits(model, rollout, 3), rollout, 1.0) * mask).sum()
+    shared.backward()
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -6,11 +6,13 @@ Bad input ends with one line on stderr and exit code 2; ``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import datasets
 import transformers
@@ -89,11 +91,27 @@ def _lab(args: argparse.Namespace) -> None:
     print(f"wrote {output / 'report.html'} (numbers in {output / 'summary.json'})")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit code 2 (argparse would print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def unrecognized(command: str, unknown: list[str]) -> str:
+    """The error for flags ``command`` does not take, naming the stages that do take the first one."""
+    name = next((a for a in unknown if a.startswith("--")), "").split("=")[0]
+    takers = [stage for stage, (cls, _, _) in STAGES.items()
+              if stage != command and name in {config_io.flag(f.name) for f in dataclasses.fields(cls)}]  # fmt: skip
+    hint = f" ({name} is an option of posttrain {' / '.join(takers)})" if takers else ""
+    return f"unrecognized arguments: {' '.join(unknown)}{hint}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
+    parser = OneLineParser(prog="posttrain", description="Post-training for language models.")
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = OneLineParser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     for name, (config_cls, _, description) in STAGES.items():
         sub = commands.add_parser(name, help=description, description=description, parents=[debug])
@@ -136,7 +154,10 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.exit(2, f"posttrain {args.command}: error: {unrecognized(args.command, unknown)}\n")
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("posttrain").setLevel(logging.INFO)

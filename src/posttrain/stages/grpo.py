@@ -37,7 +37,14 @@ from posttrain.stages.rl_monitor import RLMonitor
 from posttrain.training.loop import Batch, LossOutput
 from posttrain.training.output import claim_output
 from posttrain.training.rl_loop import Experience, run_rl, updates_per_iteration
-from posttrain.training.rollout import Rollout, batched_log_probs, response_log_probs, response_logits
+from posttrain.training.rollout import (
+    Rollout,
+    batched_log_probs,
+    group_log_probs,
+    group_response_logits,
+    response_log_probs,
+    response_logits,
+)
 from posttrain.training.sampler import SAMPLERS
 
 # Each maps (this process's scores (N,), k, every score of the rollout on all processes) -> advantages (N,).
@@ -112,6 +119,8 @@ def make_experience(model, rows, *, tokenizer, reward, reference, gather, config
     rollout = samples.rollout
     if on_policy(config) and samples.log_probs is not None:
         old_logps = samples.log_probs  # metrics only (the loss detaches the new ones): no forward for them
+    elif shares_prompts(config):
+        old_logps = group_log_probs(model, rollout, k, config.temperature, config.batch_size)
     else:
         old_logps = batched_log_probs(model, rollout, config.temperature, config.batch_size)
     ref_logps = reference_log_probs(reference, rollout, config, group_size=k)  # each prompt run once
@@ -137,7 +146,7 @@ def make_experience(model, rows, *, tokenizer, reward, reference, gather, config
                "n_targets": grpo_losses.LOSS_TYPES[config.loss_type].weight(mask),  # the loss type's c_i
                "n_tokens": rollout.attention.sum(-1)}  # fmt: skip
     samples = sample_rows(prompts, completions, scores, config.samples_per_log)
-    return Experience(tensors, metrics, samples, prompts, completions, scores)
+    return Experience(tensors, metrics, samples, prompts, completions, scores, k if shares_prompts(config) else 1)
 
 
 def on_policy(config: GRPOConfig) -> bool:
@@ -145,6 +154,12 @@ def on_policy(config: GRPOConfig) -> bool:
     updated, so the old log-probs are the new ones detached (ratio exactly 1, as in TRL's GRPOTrainer with
     ``num_iterations`` 1), and the rollout spends no forward pass on them."""
     return updates_per_iteration(config, config.rollout_prompts * config.num_generations) == 1
+
+
+def shares_prompts(config: GRPOConfig) -> bool:
+    """Micro-batches hold whole groups (``--batch-size`` a multiple of ``--num-generations``): the policy's
+    forward then packs each group's prompt once with its k responses (``group_response_logits``)."""
+    return config.batch_size % config.num_generations == 0
 
 
 def loss_mask(rollout: Rollout, config: GRPOConfig) -> torch.Tensor:
@@ -162,7 +177,9 @@ def group_loss(model, batch: Batch, *, config: GRPOConfig) -> LossOutput:
     in the loss, weighted the same way (for ``dapo``: token means over the step)."""
     rollout = Rollout.from_batch(batch)
     mask = loss_mask(rollout, config)
-    logps = response_log_probs(response_logits(model, rollout), rollout, config.temperature)
+    k = config.num_generations
+    logits = group_response_logits(model, rollout, k) if shares_prompts(config) else response_logits(model, rollout)
+    logps = response_log_probs(logits, rollout, config.temperature)
     old_logps = logps.detach() if on_policy(config) else batch["old_logprobs"]
     log_ratio = grpo_losses.IMPORTANCE_LEVELS[config.importance_sampling_level](logps, old_logps, mask)
     pg, clipped = grpo_losses.clip_higher_token_loss(log_ratio, batch["advantages"], mask, config.cliprange,

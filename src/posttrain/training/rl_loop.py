@@ -61,6 +61,7 @@ class Experience:
     prompts: list[Any]  # the N prompts (each repeated per completion), as in the data
     completions: list[str]  # the N completions, decoded as the reward read them
     scores: torch.Tensor  # (N,) the proxy reward's score of each completion (after penalty and clipping)
+    group_size: int = 1  # rows come in groups of this many that every micro-batch keeps whole
 
 
 MakeExperience = Callable[[torch.nn.Module, dict[str, list]], Experience]
@@ -77,11 +78,14 @@ def updates_per_iteration(config, samples: int) -> int:
 
 
 def mini_batches(experience: Experience, config, seed: int) -> list[list[Batch]]:
-    """Shuffled optimizer steps over the experience: each a list of ``grad_accum`` micro-batches."""
-    n = len(experience.tensors["n_targets"])
+    """Shuffled optimizer steps over the experience: each a list of ``grad_accum`` micro-batches.
+    Whole groups of ``experience.group_size`` rows are shuffled, so that a micro-batch of a multiple
+    of that size holds whole groups, in order."""
+    n, k = len(experience.tensors["n_targets"]), experience.group_size
     per_update, steps = config.batch_size * config.grad_accum, []
     for epoch in range(config.ppo_epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+        groups = torch.randperm(n // k, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+        order = (groups[:, None] * k + torch.arange(k)).flatten()  # (N,); k = 1: a permutation of the rows
         for start in range(0, n, per_update):
             chunk = order[start : start + per_update]
             micro = [chunk[i : i + config.batch_size] for i in range(0, per_update, config.batch_size)]

@@ -151,33 +151,64 @@ def batched_log_probs(model, rollout: Rollout, temperature: float, batch_size: i
     return torch.cat(parts)
 
 
+def shared_prompt_mask(prompt_attention: torch.Tensor, response_attention: torch.Tensor) -> torch.Tensor:
+    """Which keys each query may attend to in a row packing one prompt and its k responses,
+    ``[prompt | response 1 | ... | response k]``: a response sees the prompt's real tokens and its
+    own earlier tokens, never another response; the prompt is causal. Every query also sees itself,
+    so the padded ones do not give NaN (their outputs are never used).
+    prompt_attention: (G, P), response_attention: (G, k, R) -> (G, 1, L, L) bool, L = P + k·R
+    """
+    k, r = response_attention.shape[1:]
+    p = prompt_attention.shape[1]
+    length = p + k * r
+    segment = torch.cat([torch.zeros(p, dtype=torch.long), torch.arange(1, k + 1).repeat_interleave(r)])  # (L,)
+    order = torch.arange(length)
+    causal = order[None, :] <= order[:, None]  # (L, L): key at or before query
+    visible = (segment[None, :] == 0) | (segment[None, :] == segment[:, None])  # key in the prompt or the same response
+    keys = torch.cat([prompt_attention, response_attention.flatten(1)], dim=1).bool().cpu()  # (G, L)
+    mask = (causal & visible)[None] & keys[:, None, :]  # (G, L, L)
+    return (mask | torch.eye(length, dtype=torch.bool))[:, None].to(prompt_attention.device)
+
+
+def group_response_logits(model, rollout: Rollout, group_size: int) -> torch.Tensor:
+    """``response_logits`` for rows in groups of ``group_size`` that share one prompt (group-major: GRPO's
+    k completions): each group is one packed row ``[prompt | response 1 | ... | response k]`` under
+    ``shared_prompt_mask``, with every token at the position id it has in its own row, so the prompt
+    runs once per group instead of k times (G·P + N·R positions instead of N·(P + R)). The same
+    logits as the full forward up to float rounding, with gradients. (N, R, V)"""
+    n, width = rollout.sequences.shape
+    p, k = rollout.prompt_length, group_size
+    r, groups = width - p, n // k
+
+    def pack(rows: torch.Tensor) -> torch.Tensor:  # (N, P + R) -> (G, P + k·R)
+        rows = rows.view(groups, k, width)
+        return torch.cat([rows[:, 0, :p], rows[:, :, p:].flatten(1)], dim=1)
+
+    attention = rollout.attention.view(groups, k, width)
+    allowed = shared_prompt_mask(attention[:, 0, :p], attention[:, :, p:])
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    logits = model(
+        input_ids=pack(rollout.sequences),
+        attention_mask=mask,
+        position_ids=pack(rollout.positions()),
+        use_cache=False,
+        logits_to_keep=k * r + 1,
+    ).logits  # (G, 1 + k·R, V): from position P − 1 on
+    # response j's token t is predicted at P − 1 (t = 0: the prompt's last token) or at P + j·R + t − 1
+    before = torch.arange(k * r, device=logits.device).view(k, r)
+    before[:, 0] = 0
+    return logits[:, before.flatten()].view(n, r, -1)
+
+
 @torch.no_grad()
 def group_log_probs(model, rollout: Rollout, group_size: int, temperature: float, batch_size: int) -> torch.Tensor:
-    """``batched_log_probs`` of a rollout whose rows come in groups of ``group_size`` with one prompt
-    (GRPO's k completions, group-major): each prompt runs once and its KV cache is repeated for the
-    group's responses, so the forward covers G·P + N·R positions instead of N·(P + R). Chunks of
-    whole groups of about ``batch_size`` rows. Same values as the full forward up to float rounding
-    (attention over a cache sums in another order). (N, R)"""
-    n, width = rollout.sequences.shape[0], rollout.prompt_length
+    """``batched_log_probs`` through ``group_response_logits``, in chunks of whole groups of about
+    ``batch_size`` rows. (N, R)"""
+    n = rollout.sequences.shape[0]
     rows_per_chunk = max(batch_size // group_size, 1) * group_size
-    positions, parts = rollout.positions(), []
+    parts = []
     for start in range(0, n, rows_per_chunk):
-        rows = torch.arange(start, min(start + rows_per_chunk, n), device=rollout.sequences.device)
-        firsts = rows[::group_size]  # one row per group: its prompt is the group's
-        out = model(input_ids=rollout.sequences[firsts, :width], attention_mask=rollout.attention[firsts, :width],
-                    position_ids=positions[firsts, :width], use_cache=True, logits_to_keep=1)  # fmt: skip
-        cache = out.cache
-        cache.batch_repeat_interleave(group_size)  # (G, ...) -> (G·k, ...)
-        first = out.logits.repeat_interleave(group_size, dim=0)  # (G·k, 1, V): predicts each first response token
-        logits = first
-        if rollout.sequences.shape[1] - width > 1:  # responses of one token need nothing more
-            rest = model(
-                input_ids=rollout.sequences[rows, width:-1],
-                attention_mask=rollout.attention[rows, :-1],
-                position_ids=positions[rows, width:-1],
-                cache=cache,
-                use_cache=True,
-            ).logits  # (G·k, R − 1, V)
-            logits = torch.cat([first, rest], dim=1)
-        parts.append(response_log_probs(logits, rollout.select(rows), temperature))
+        part = rollout.select(torch.arange(start, min(start + rows_per_chunk, n), device=rollout.sequences.device))
+        parts.append(response_log_probs(group_response_logits(model, part, group_size), part, temperature))
     return torch.cat(parts)
