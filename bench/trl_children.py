@@ -1,12 +1,12 @@
 """TRL's side of ``bench/trl_compare.py``: one stage of TRL 1.16 in this process, on posttrain's work.
 
-SFT and DPO train on the very token ids posttrain's own ``prepare`` produces, in the very batches
+SFT, DPO and RM train on the very token ids posttrain's own ``prepare`` produces, in the very batches
 posttrain's sampler forms (``epoch_batches`` with the same seed), fed in order; so step 1 sees the
 same batch in both frameworks and the first-step losses must agree. GRPO gets the same prompts
 and rule reward. Writes ``result.json`` in the output directory: the seconds of every optimizer
 step (a callback around each step), the first logged record, and the loss of step 1.
 
-    python bench/trl_children.py sft|dpo|grpo SPEC.json
+    python bench/trl_children.py sft|dpo|rm|grpo SPEC.json
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
 from posttrain.data.loading import load_rows
 from posttrain.data.sampler import epoch_batches
 from posttrain.models.loading import load_tokenizer
 from posttrain.stages import dpo as posttrain_dpo
+from posttrain.stages import rm as posttrain_rm
 from posttrain.stages import sft as posttrain_sft
 
 
@@ -92,6 +93,28 @@ def run_dpo(spec: dict) -> dict:
     return train_and_time(trainer)
 
 
+def run_rm(spec: dict) -> dict:
+    from trl import RewardConfig, RewardTrainer
+
+    config = posttrain_rm.RMConfig(model=spec["model"], data=spec["data"], max_length=spec["max_length"])
+    tokenizer = load_tokenizer(spec["model"])
+    groups = posttrain_rm.prepare(load_rows(spec["data"]), spec["data"], tokenizer, config).dataset
+    groups = in_posttrain_order(groups, spec, group_by_length=True)  # posttrain rm groups by length by default
+
+    def pair(group: dict) -> dict:  # one pair per prompt (distinct prompts): TRL's per-pair mean is posttrain's
+        (better,), (worse,) = group["chosen"], group["rejected"]
+        prompt, responses = group["prompt_ids"], group["responses"]
+        return {"chosen_ids": prompt + responses[better], "rejected_ids": prompt + responses[worse]}
+
+    train = groups.map(pair, remove_columns=groups.column_names)
+    args = RewardConfig(**common_args(spec), max_length=spec["max_length"], center_rewards_coefficient=None,
+                        remove_unused_columns=False)  # fmt: skip
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    return train_and_time(trainer)
+
+
 def vowel_fraction(prompts, completions, **kwargs) -> list[float]:
     """The rule reward of the GRPO comparison (the same as bench/rl_throughput.py's)."""
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
@@ -122,7 +145,7 @@ def train_and_time(trainer) -> dict:
 def main() -> None:
     stage, spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     torch.set_num_threads(spec["threads"])
-    result = {"sft": run_sft, "dpo": run_dpo, "grpo": run_grpo}[stage](spec)
+    result = {"sft": run_sft, "dpo": run_dpo, "rm": run_rm, "grpo": run_grpo}[stage](spec)
     (Path(spec["out"]) / "result.json").write_text(json.dumps(result))
 
 

@@ -1,9 +1,11 @@
-"""posttrain against TRL 1.16 on identical work: SFT, DPO and GRPO, one process per run, alternating A B A B.
+"""posttrain against TRL 1.16 on identical work: SFT, DPO, RM and GRPO, one process per run, alternating A B A B.
 
 Same model, data, batch, lengths, steps, learning rate, AdamW settings, fp32 (set explicitly: TRL
-defaults to bf16), no gradient checkpointing, the same number of threads. SFT and DPO: TRL trains
+defaults to bf16), no gradient checkpointing, the same number of threads. SFT, DPO and RM: TRL trains
 on the token ids and batches posttrain forms (``trl_children.py``), so step 1 is the same batch
 and the first-step losses must agree to 1e-4 relative, or the speed comparison does not count.
+RM: both start from one reward-model checkpoint (the backbone and a score head initialised once,
+seeded), on pairs with distinct prompts (posttrain averages the loss per prompt, TRL per pair).
 GRPO: the same prompts and rule reward, 4 completions per prompt, 8 per iteration, up to 32 new
 tokens, KL weight 0.04, loss ``dapo``; sampling differs, so only the time per iteration compares.
 Throughput is measured over the steps after the first (warm-up), from per-step times: posttrain's
@@ -27,11 +29,14 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from dpo_throughput import arithmetic_pairs
 from rl_throughput import RULES
 from sft_throughput import smollm2, tiny_model
 
 from posttrain.demo import arithmetic_rows, write_jsonl
+from posttrain.models.loading import load_tokenizer
+from posttrain.models.reward_model import load_reward_backbone
 
 AGREEMENT = 1e-4  # relative, first-step loss (and DPO's logps/chosen)
 HERE = Path(__file__).resolve().parent
@@ -63,15 +68,36 @@ def timed(work) -> float:
     return time.perf_counter() - start
 
 
+def distinct_prompt_pairs(n: int, seed: int) -> list[dict]:
+    """``n`` arithmetic preference pairs, no two with the same prompt."""
+    pairs = {json.dumps(p["prompt"]): p for p in reversed(arithmetic_pairs(8 * n, seed))}  # first one kept
+    if len(pairs) < n:
+        raise SystemExit(f"only {len(pairs)} distinct prompts for {n} pairs")
+    return list(pairs.values())[:n]
+
+
+def reward_start(model: Path, workdir: Path, seed: int) -> Path:
+    """One reward-model checkpoint both frameworks start from: the backbone and a seeded score head."""
+    directory = workdir / f"{model.name}-rm-start"
+    if not (directory / "config.json").is_file():
+        tokenizer = load_tokenizer(str(model))
+        set_seed(seed)
+        load_reward_backbone(str(model), tokenizer.pad_token_id).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
 def write_work(workdir: Path, args) -> dict[str, Path]:
-    """The data of the three stages: exactly one epoch of SFT rows and DPO pairs, and GRPO prompts."""
+    """The data of the stages: exactly one epoch of SFT rows, DPO and RM pairs, and GRPO prompts."""
     sft_rows = arithmetic_rows(args.sft_steps * args.batch, seed=0)
     pairs = arithmetic_pairs(args.dpo_steps * args.dpo_batch, seed=0)
+    rm_pairs = distinct_prompt_pairs(args.rm_steps * args.dpo_batch, seed=2)
     prompts = [{"prompt": r["prompt"]} for r in arithmetic_rows(64, seed=1)]
     (workdir / "rules.py").write_text(RULES)
     return {
         "sft": write_jsonl(workdir / "sft.jsonl", sft_rows),
         "dpo": write_jsonl(workdir / "pairs.jsonl", pairs),
+        "rm": write_jsonl(workdir / "rm-pairs.jsonl", rm_pairs),
         "grpo": write_jsonl(workdir / "prompts.jsonl", prompts),
         "texts": [m["content"] for r in sft_rows for m in r["prompt"] + r["completion"]],
     }
@@ -97,6 +123,7 @@ def run_posttrain(stage: str, spec: dict, workdir: Path) -> dict:
     command = posttrain_command(stage, spec, workdir)
     wall = run_child(command[:1] + [str(HERE / "peak_memory.py"), f"{spec['out']}.peak", *command[1:]])
     records = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss" in r]  # the steps' records (rm ends with its reward statistics)
     rss = float(Path(f"{spec['out']}.peak").read_text())
     if stage == "grpo":  # rollout seconds (generated tokens / their rate) plus update seconds
         seconds = [r["completions/mean_length"] * spec["batch"] / r["rollout_tokens_per_second"]
@@ -129,7 +156,7 @@ def run_child(command: list[str]) -> float:
 
 
 def throughput(stage: str, run: dict, tokens: list[float], batch: int) -> float:
-    """Steady rate over the steps after the first: tokens/s (SFT), pairs/s (DPO), completions/s (GRPO)."""
+    """Steady rate over the steps after the first: tokens/s (SFT), pairs/s (DPO, RM), completions/s (GRPO)."""
     seconds = sum(run["step_seconds"][1:])
     return (sum(tokens[1:]) if stage == "sft" else batch * (len(run["step_seconds"]) - 1)) / seconds
 
@@ -167,7 +194,7 @@ def summarise(stage: str, pairs: list[dict]) -> dict:
     worst = max(p["agreement"] for p in pairs)
     return {
         "stage": stage,
-        "unit": {"sft": "tokens/s", "dpo": "pairs/s", "grpo": "completions/s"}[stage],
+        "unit": {"sft": "tokens/s", "dpo": "pairs/s", "rm": "pairs/s", "grpo": "completions/s"}[stage],
         "rate": (median(lambda p: p["rates"][0]), median(lambda p: p["rates"][1])),
         "ratio": median(lambda p: p["rates"][0] / p["rates"][1]),
         "step_s": (median(lambda p: steady_step(p["ours"])), median(lambda p: steady_step(p["theirs"]))),
@@ -195,13 +222,14 @@ def print_table(rows: list[dict], machine: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--stages", default="sft,dpo,grpo")
+    parser.add_argument("--stages", default="sft,dpo,rm,grpo")
     parser.add_argument("--repeats", type=int, default=3, help="pairs of runs (posttrain, TRL) per stage")
     parser.add_argument("--sft-steps", type=int, default=16)
     parser.add_argument("--dpo-steps", type=int, default=16)
+    parser.add_argument("--rm-steps", type=int, default=16)
     parser.add_argument("--grpo-steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="SFT rows per step; GRPO completions per iteration")
-    parser.add_argument("--dpo-batch", type=int, default=4, help="DPO pairs per step")
+    parser.add_argument("--dpo-batch", type=int, default=4, help="DPO and RM pairs per step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--grpo-repeats", type=int, default=0, help="pairs for GRPO (0: --repeats)")
     parser.add_argument("--workdir", default="runs/bench-trl")
@@ -218,6 +246,13 @@ def main() -> None:
     specs = {
         "sft": base | {"data": str(work["sft"]), "steps": args.sft_steps, "batch": args.batch},
         "dpo": base | {"data": str(work["dpo"]), "steps": args.dpo_steps, "batch": args.dpo_batch},
+        "rm": base
+        | {
+            "data": str(work["rm"]),
+            "steps": args.rm_steps,
+            "batch": args.dpo_batch,
+            "model": str(reward_start(model, workdir, base["seed"])),
+        },
         "grpo": base | {"data": str(work["grpo"]), "steps": args.grpo_steps, "batch": args.batch} | GRPO,
     }
     print(f"model: {args.model}; {args.repeats} pairs per stage, posttrain first in each pair", flush=True)
