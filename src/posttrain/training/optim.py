@@ -13,7 +13,11 @@ SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019); biases and norm weights (1-D) get no weight decay."""
+    """AdamW (Loshchilov & Hutter 2019); biases and norm weights (1-D) get no weight decay.
+
+    The fused kernel (one pass over all parameters; CPU and GPU since PyTorch 2.4, and the default of
+    transformers' Trainer with PyTorch >= 2.8): an update of SmolLM2-135M's fp32 parameters takes about
+    0.1 s on 2 CPU threads against 0.7 s for the per-parameter loop (bench/optimizer_step.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -26,6 +30,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
+        fused=True,
     )
 
 
