@@ -49,7 +49,8 @@ from posttrain.models.loading import is_peft
 from posttrain.ops import overoptimisation as overopt
 from posttrain.stages.rl_common import RLConfig, RLSetup, decode, reference_log_probs, score
 from posttrain.training.rl_loop import Experience
-from posttrain.training.rollout import batched_log_probs, sample
+from posttrain.training.rollout import batched_log_probs
+from posttrain.training.sampler import SAMPLERS
 
 log = logging.getLogger(__name__)
 BEST_GOLD = "best-gold"
@@ -245,11 +246,15 @@ class RLMonitor:
         with isolated_rng():
             for start in range(0, len(rows["prompt"]), chunk):
                 prompts = rows["prompt"][start : start + chunk]
-                rollout = sample(policy, rows["prompt_ids"][start : start + chunk], s.tokenizer, config)
+                samples = SAMPLERS[config.sampler](policy, rows["prompt_ids"][start : start + chunk], s.tokenizer,
+                                                   config)  # fmt: skip
+                rollout = samples.rollout
                 completions = decode(rollout, s.tokenizer)
                 proxy = score(s.reward, prompts, completions, rollout, config)
                 gold = s.gold(prompts, completions) if s.gold else torch.zeros(len(prompts))
-                logps = batched_log_probs(policy, rollout, config.temperature, config.batch_size)
+                logps = samples.log_probs
+                if logps is None:  # the sampler gave none (generate): a forward computes them
+                    logps = batched_log_probs(policy, rollout, config.temperature, config.batch_size)
                 kl = ((logps - reference_log_probs(s.reference, rollout, config)) * rollout.response_mask).sum(-1)
                 sums += torch.tensor([proxy.sum().item(), gold.sum().item(), kl.sum().item(), len(prompts)])
         proxy, gold, kl, n = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").tolist()
