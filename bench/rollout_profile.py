@@ -21,18 +21,12 @@ import torch
 from sft_throughput import smollm2
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl_compare import copy_gbytes, gemm_gflops
+from trl_compare import copy_gbytes, gemm_gflops, timed
 
 from posttrain.demo import arithmetic_rows
 from posttrain.training.sampler import fast_sampler
 
 PROMPT = 40  # tokens, about the chat-templated arithmetic prompts
-
-
-def timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
