@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from posttrain.ops.answer_rates import Outcome, answer_rates, bootstrap_mean
+from posttrain.ops.answer_rates import Outcome, Rate, answer_rates, bootstrap_mean, cluster_mean
 
 # (answerable, label, length in words)
 TOY = [
@@ -84,3 +84,23 @@ def test_degenerate_samples_give_a_point_interval_without_warnings():
         for sample in ([0.0, 1.0], [0.0] * 30 + [1.0], [1.0, 1.0, 0.0]):
             rate = bootstrap_mean(np.array(sample))
             assert 0.0 <= rate.ci_low <= rate.value <= rate.ci_high <= 1.0
+
+
+def test_cluster_bootstrap_resamples_facts_not_phrasings():
+    values = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])  # one answer per fact
+    single = cluster_mean(values, list(range(8)))
+    assert single == bootstrap_mean(values)  # one question a fact: the plain bootstrap, resample for resample
+    # each fact asked three times, answered alike: the same share, and the same interval (three phrasings
+    # are one piece of evidence), where the plain bootstrap, counting 24 questions, narrows it
+    tripled = np.repeat(values, 3)
+    facts = np.repeat(np.arange(8), 3).tolist()
+    clustered, naive = cluster_mean(tripled, facts), bootstrap_mean(tripled)
+    assert clustered.value == naive.value == 5 / 8 and clustered.n == 24
+    assert (clustered.ci_low, clustered.ci_high) == pytest.approx((single.ci_low, single.ci_high))
+    assert naive.ci_high - naive.ci_low < clustered.ci_high - clustered.ci_low
+    # the rates take the clusters through answer_rates
+    outcomes = [Outcome.from_label("correct" if v else "wrong", True) for v in tripled]
+    assert answer_rates(outcomes, clusters=facts)["accuracy"] == clustered
+    assert cluster_mean(np.array([1.0, 0.0]), ["a", "a"]) == Rate(0.5, 0.5, 0.5, 2)  # one fact: no spread to resample
+    with pytest.raises(ValueError, match="2 values but 1 cluster labels"):
+        cluster_mean(np.array([1.0, 0.0]), ["a"])

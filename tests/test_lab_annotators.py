@@ -8,29 +8,28 @@ import random
 import pytest
 
 from posttrain.lab.annotators import (
+    CHECKED_UTILITY,
     PRESETS,
     Annotator,
-    Judged,
     agreement,
     can_check,
     compare,
     gold_agreement,
-    gold_preference,
     label_pairs,
     pool,
     prob_first,
     utility,
     with_gold,
 )
+from posttrain.lab.gold import Judgement, gold_preference
 
-CORRECT = Judged("correct", confident=True, n_words=7)
-HALLUCINATED = Judged("hallucinated", confident=True, n_words=9)  # a confident fabrication
-ABSTAINED = Judged("abstained", confident=False, n_words=4)  # an honest "I don't know"
-MALFORMED = Judged("malformed", confident=False, n_words=12)
-GOLD = {"correct": 1.0, "abstained": 0.0, "hallucinated": -1.0, "malformed": -1.0}
+CORRECT = Judgement("correct", confident=True, n_words=7)
+HALLUCINATED = Judgement("hallucinated", confident=True, n_words=9)  # a confident fabrication
+ABSTAINED = Judgement("abstained", confident=False, n_words=4)  # an honest "I don't know"
+MALFORMED = Judgement("malformed", confident=False, n_words=12)
 
 
-def share_first(annotator: Annotator, first: Judged, second: Judged, n: int = 4000, seed: int = 0) -> float:
+def share_first(annotator: Annotator, first: Judgement, second: Judgement, n: int = 4000, seed: int = 0) -> float:
     """The share of n labels (each on its own fact) that prefer the first-shown response."""
     rng = random.Random(seed)
     return sum(compare(annotator, first, second, f"fact-{i}", rng) == 0 for i in range(n)) / n
@@ -50,20 +49,20 @@ def hallucination_vs_abstention(n: int, n_facts: int = 400) -> list[tuple]:
 
 
 def mixed_pairs(n: int) -> list[tuple]:
-    """n pairs of two different gold labels (no gold ties), standard (string) format."""
+    """n pairs of two labels an annotator who checks tells apart (no gold ties), standard (string) format."""
     rng = random.Random(3)
     kinds = [CORRECT, HALLUCINATED, ABSTAINED, MALFORMED]
     pairs = []
     for i in range(n):
         a, b = rng.sample(kinds, 2)
-        while GOLD[a.label] == GOLD[b.label]:
+        while CHECKED_UTILITY[a.label] == CHECKED_UTILITY[b.label]:
             a, b = rng.sample(kinds, 2)
         pairs.append((f"Q{i}?", f"answer {a.label} {i}", a, f"answer {b.label} {i}", b, f"fact-{i}"))
     return pairs
 
 
 def gold_of(pairs: list[tuple]) -> dict[int, int | None]:
-    return {i: gold_preference(GOLD[p[2].label], GOLD[p[4].label]) for i, p in enumerate(pairs)}
+    return {i: gold_preference(p[2], p[4]) for i, p in enumerate(pairs)}
 
 
 def test_deterministic_given_seed():
@@ -188,7 +187,6 @@ def test_gold_agreement_leaves_out_ties():
     rows = with_gold(rows, {0: 0, 1: 0, 2: None})
     assert [r["gold"] for r in rows] == ["chosen", "rejected", None]
     assert gold_agreement(rows) == 0.5
-    assert gold_preference(1.0, 0.0) == 0 and gold_preference(-1.0, 0.0) == 1 and gold_preference(0.5, 0.5) is None
 
 
 def test_label_pairs_is_valid_preference_data():
@@ -212,6 +210,6 @@ def test_unknown_preset_names_the_valid_ones():
         pool("sloppy")
     assert set(PRESETS) == {"biased", "careful"}
     with pytest.raises(ValueError, match="unknown label"):
-        Judged("wrong", confident=True, n_words=3)
+        Judgement("wrong", confident=True, n_words=3)
     with pytest.raises(ValueError, match="noise"):
         Annotator("x", noise=1.5)

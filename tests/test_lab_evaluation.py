@@ -3,9 +3,12 @@ rollouts and the shape of the gold curve."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 
-from posttrain.lab.evaluation import arc, model_metrics, rollout_metrics
+from posttrain.lab.evaluation import RATES, arc, calibration, model_metrics, rollout_metrics
 from posttrain.lab.gold import Judgement, gold_reward
 from posttrain.lab.pipeline import gold_arc
 from posttrain.lab.world import Question
@@ -46,7 +49,9 @@ def test_gold_arc_windows_an_eighth_of_the_iterations():
 
 
 def test_model_metrics_are_the_shared_rates_of_the_gold_labels():
-    questions = [KNOWN] * 5 + [UNKNOWABLE] * 3
+    questions = [replace(KNOWN, id=f"known-{i}") for i in range(5)] + [
+        replace(UNKNOWABLE, id=f"u-{i}") for i in range(3)
+    ]
     judged = [
         Judgement("correct", False, 3),
         Judgement("correct", True, 2),
@@ -74,15 +79,36 @@ def test_model_metrics_are_the_shared_rates_of_the_gold_labels():
     assert metrics["hallucination_unknowable"] == shared["hallucination_unanswerable"].value
     assert metrics["format_compliance"] == 1 - shared["no_answer"].value
     assert metrics["mean_length"] == shared["mean_length"].value
-    intervals = metrics["intervals"]
-    assert intervals["accuracy_known"] == [shared["accuracy"].ci_low, shared["accuracy"].ci_high]
-    assert intervals["format_compliance"] == [1 - shared["no_answer"].ci_high, 1 - shared["no_answer"].ci_low]
-    for key, value in metrics.items():
-        if key != "intervals":
-            assert intervals[key][0] <= value <= intervals[key][1], key
+    assert metrics["accuracy_known_ci"] == [shared["accuracy"].ci_low, shared["accuracy"].ci_high]
+    assert metrics["format_compliance_ci"] == [1 - shared["no_answer"].ci_high, 1 - shared["no_answer"].ci_low]
+    assert metrics["n_questions"] == 8 and metrics["accuracy_known_n"] == 5 and metrics["abstain_unknowable_n"] == 3
+    assert metrics["gold_reward_n"] == 8 and metrics["mean_length_n"] == 8 and metrics["n_facts"] == 8
+    # the same questions as phrasings of two facts: the same figures, the intervals resample the two facts
+    clustered = model_metrics([KNOWN] * 5 + [UNKNOWABLE] * 3, judged)
+    assert clustered["n_facts"] == 2 and clustered["accuracy_known"] == metrics["accuracy_known"]
+    assert clustered["gold_reward_ci"] != metrics["gold_reward_ci"]
+    for key in ("gold_reward", "mean_length", *RATES, "format_compliance"):
+        low, high = metrics[f"{key}_ci"]
+        assert low <= metrics[key] <= high, key
 
 
 def test_model_metrics_keep_zero_for_a_kind_the_held_out_set_lacks():
     metrics = model_metrics([KNOWN, KNOWN], [Judgement("correct", False, 2), Judgement("abstained", False, 4)])
     assert metrics["abstain_unknowable"] == 0.0 and metrics["hallucination_unknowable"] == 0.0
-    assert metrics["intervals"]["abstain_unknowable"] is None
+    assert metrics["abstain_unknowable_ci"] is None and metrics["abstain_unknowable_n"] == 0
+
+
+def test_calibration_counts_only_answers_to_known_questions():
+    from posttrain.instruments.answering import Answer
+
+    questions = [KNOWN, KNOWN, KNOWN, UNKNOWABLE]
+    judged = [Judgement("correct", False, 3), Judgement("hallucinated", True, 3), Judgement("abstained", False, 4),
+              Judgement("hallucinated", False, 3)]  # fmt: skip
+    # log-probabilities: confidences 0.9 (right), 0.6 (wrong); the abstention and the unknowable one are left out
+    given = [Answer("a", math.log(0.9), 3), Answer("b", math.log(0.6), 3), Answer("c", math.log(0.99), 4),
+             Answer("d", math.log(0.5), 3)]  # fmt: skip
+    summary = calibration(questions, judged, given)
+    # by hand, 15 equal bins: 0.9 and 0.6 fall in different bins; |0.9 - 1|/2 + |0.6 - 0|/2 = 0.35
+    assert summary["n"] == 2 and summary["ece"] == pytest.approx(0.35)
+    assert summary["brier"] == pytest.approx((0.1**2 + 0.6**2) / 2)
+    assert calibration([UNKNOWABLE], [judged[3]], [given[3]])["ece"] is None

@@ -50,6 +50,18 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     assert main(["lab", "--output", str(out), "--preset", "smoke"]) == 0
     assert "lab: base already done" in caplog.text and "lab: evaluate done" in caplog.text
     assert "lab: step 8/8 evaluate (about" in caplog.text
+    asked = [json.loads(line) for line in (out / "data" / "evaluation.jsonl").read_text().splitlines()]
+    held_out = (out / "data" / "held_out.jsonl").read_text().splitlines()
+    unknowable = sum(not q["known"] for q in asked)  # smoke: the held-out questions thrice, 2 unseen towns
+    assert len(asked) == 3 * len(held_out) + 6 and unknowable >= 6
+    facts = len({q["id"] for q in asked})
+    assert summary["evaluation"] == {"evaluation_questions": len(asked), "evaluation_facts": facts,
+                                     "evaluation_unknowable": unknowable}  # fmt: skip
+    for metrics in summary["models"].values():
+        assert metrics["n_questions"] == len(asked) and metrics["abstain_unknowable_n"] == unknowable
+        assert metrics["n_facts"] == facts
+        low, high = metrics["gold_reward_ci"]
+        assert low <= metrics["gold_reward"] <= high
 
     careful = tmp_path / "careful"  # the other pool, reusing the steps that do not depend on it
     caplog.clear()

@@ -16,6 +16,7 @@ from posttrain.lab.world import (
     Town,
     World,
     demonstrations,
+    evaluation_questions,
     fact_value,
     make_world,
     pretraining_corpus,
@@ -111,6 +112,26 @@ def test_held_out_split_is_disjoint_and_stratified(world: World):
     assert {(q.attribute, q.known) for q in held} == kinds == {(q.attribute, q.known) for q in train}
     assert split_questions(qs, seed=3) == (train, held)
     assert split_questions(qs, seed=4) != (train, held)
+
+
+def test_evaluation_set_asks_every_phrasing_and_unseen_towns_and_leaves_the_world_as_it_was():
+    plain = make_world(seed=5, n_towns=20, unknowable_share=0.15, unseen_share=0.25)
+    w = make_world(seed=5, n_towns=20, unknowable_share=0.15, unseen_share=0.25, evaluation_towns=6)
+    assert w.towns == plain.towns and len(w.evaluation_towns) == 6
+    assert not {t.name for t in w.evaluation_towns} & {t.name for t in w.towns}
+    assert all(t.unknowable == frozenset(ATTRIBUTES) for t in w.evaluation_towns)
+    assert pretraining_corpus(w, seed=5) == pretraining_corpus(plain, seed=5)  # no text names them
+    _, held = split_questions(questions(w, seed=5, n_arithmetic=30), seed=5)
+    evaluation = evaluation_questions(w, held, seed=5)
+    asked = evaluation[: 3 * len(held)]  # every held-out fact in its three phrasings, its own first
+    assert [q.text for q in asked[::3]] == [q.text for q in held] and len({q.text for q in asked}) == len(asked)
+    assert [q.id for q in asked] == [q.id for q in held for _ in range(3)]
+    unseen = evaluation[3 * len(held) :]
+    assert len(unseen) == 18 and not any(q.known for q in unseen) and len({q.id for q in unseen}) == 18
+    assert {q.town for q in unseen} == {t.name for t in w.evaluation_towns}
+    # the judge knows the evaluation towns: an answer about another of them is about another subject
+    other = w.evaluation_towns[1].name
+    assert judge(unseen[0], f"{other} is in {COUNTRIES[0]}.", w).label == "malformed"
 
 
 # --- the corpus -----------------------------------------------------------------------------------
@@ -326,6 +347,6 @@ def test_gold_reward_config_and_preference():
     bold_lie, shy_lie = Judgement("hallucinated", True, 3), Judgement("hallucinated", False, 3)
     assert gold_preference(right, honest) == 0 and gold_preference(honest, right) == 1
     assert gold_preference(bold_lie, honest) == 1 and gold_preference(shy_lie, bold_lie) == 0
-    assert gold_preference(honest, Judgement("abstained", True, 5)) == -1
-    assert gold_preference(bold_lie, shy_lie, config) == -1
+    assert gold_preference(honest, Judgement("abstained", True, 5)) is None
+    assert gold_preference(bold_lie, shy_lie, config) is None
     assert gold_preference(Judgement("correct", False, 5), Judgement("correct", False, 40)) == 0

@@ -85,9 +85,21 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _lab(args: argparse.Namespace) -> None:
+    from posttrain.lab.experiments import ExperimentConfig, parse_seeds, run_experiment
     from posttrain.lab.pipeline import LabConfig, run_lab
 
-    output = run_lab(LabConfig(args.output, args.preset, args.seed, args.annotators, args.reuse))
+    if args.experiment:
+        if args.seed is not None or args.annotators is not None:
+            raise UserError("--experiment takes --seeds, not --seed or --annotators (each arm says its own pool)")
+        seeds = parse_seeds(args.seeds or "0")
+        config = ExperimentConfig(args.experiment, args.output, args.preset, seeds, args.reuse)
+        output = run_experiment(config)
+        print(f"wrote {output / 'report.html'} (numbers in {output / 'experiment.json'})")
+        return
+    if args.seeds:
+        raise UserError("--seeds goes with --experiment; a single lab run takes --seed")
+    config = LabConfig(args.output, args.preset, args.seed or 0, args.annotators or "biased", args.reuse)
+    output = run_lab(config)
     print(f"wrote {output / 'report.html'} (numbers in {output / 'summary.json'})")
 
 
@@ -136,12 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
         "lab", parents=[debug], help="the lab: base -> SFT -> preferences -> reward model, measured"
     )
     lab.add_argument("--output", default="runs/lab", help="directory of the run (default: runs/lab)")
-    lab.add_argument("--preset", default="quick", help="quick or full (default: quick)")
-    lab.add_argument("--seed", type=int, default=0, help="seed of the world and every step (default: 0)")
-    lab.add_argument("--annotators", default="biased", help="annotator pool: biased or careful (default: biased)")
+    lab.add_argument("--preset", default="quick", help="quick, full or smoke (default: quick)")
+    lab.add_argument("--seed", type=int, default=None, help="seed of the world and every step (default: 0)")
+    lab.add_argument("--annotators", default=None, help="annotator pool: biased or careful (default: biased)")
+    lab.add_argument("--experiment", default="", metavar="NAME",
+                     help="run an experiment over seeds instead: kl-sweep, frontier, mitigations or calibration "
+                     "(docs/lab.md)")  # fmt: skip
+    lab.add_argument("--seeds", default="", metavar="S,S,...", help="an experiment's seeds (default: 0)")
     lab.add_argument("--reuse", default="", metavar="DIR",
                      help="copy the steps that do not depend on the annotators (data, base, sft) from the lab run "
-                     "in DIR (same preset and seed)")  # fmt: skip
+                     "in DIR (same preset and seed); with --experiment, the shared steps up to the reward model "
+                     "from another experiment or a biased lab run")  # fmt: skip
     lab.set_defaults(handler=_lab)
     return parser
 

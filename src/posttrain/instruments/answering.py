@@ -23,7 +23,8 @@ from scipy.special import softmax
 
 from posttrain.data.collate import pad_batch
 from posttrain.models.reference import completion_logps
-from posttrain.training.rollout import batched_log_probs, sample
+from posttrain.training.rollout import batched_log_probs
+from posttrain.training.sampler import fast_sampler
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,13 @@ class Answer:
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, max_new_tokens: int) -> list[Answer]:
     """One greedy answer per prompt, ``batch_size`` prompts at a time with the KV cache, each with the
-    log-probability the model gave its tokens (at temperature 1, as the model's own distribution)."""
+    log-probability the model gave its tokens (at temperature 1, as the model's own distribution), read
+    from the sampler's logits rather than a second forward."""
     settings = SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     answers = []
     for start in range(0, len(prompt_ids), batch_size):
-        rollout = sample(model, prompt_ids[start : start + batch_size], tokenizer, settings)
-        log_probs = batched_log_probs(model, rollout, 1.0, batch_size)  # (N, R), 0 past each answer's end
+        samples = fast_sampler(model, prompt_ids[start : start + batch_size], tokenizer, settings)
+        rollout, log_probs = samples.rollout, samples.log_probs  # (N, R), 0 past each answer's end
         totals, lengths = log_probs.sum(-1).tolist(), rollout.response_mask.sum(-1).tolist()  # (N,), (N,)
         kept = [r[m.bool()] for r, m in zip(rollout.responses, rollout.response_mask, strict=True)]
         texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
@@ -105,16 +107,16 @@ def mean_kl(model, reference, tokenizer, prompt_ids: list[list[int]], k: int, se
             max_new_tokens: int) -> float:  # fmt: skip
     """KL(π‖π_ref) per answer, estimated on ``k`` samples per prompt from π at temperature 1: the mean
     over samples of Σ_t log π(y_t) − log π_ref(y_t), the unbiased k1 estimator (Schulman 2020,
-    "Approximating KL Divergence"). ``batch_size`` prompts (times k samples) are sampled at once."""
+    "Approximating KL Divergence"). ``batch_size`` prompts (times k samples) are sampled at once; log π
+    comes from the sampler, log π_ref from one forward of the reference."""
     torch.manual_seed(seed)
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens)
     total, count = 0.0, 0
     for start in range(0, len(prompt_ids), batch_size):
         chunk = [ids for ids in prompt_ids[start : start + batch_size] for _ in range(k)]
-        rollout = sample(model, chunk, tokenizer, settings)
-        log_ratio = batched_log_probs(model, rollout, 1.0, batch_size) - batched_log_probs(
-            reference, rollout, 1.0, batch_size
-        )  # (N, R), 0 past each answer's end
+        samples = fast_sampler(model, chunk, tokenizer, settings)  # its log-probs are π's at temperature 1
+        rollout = samples.rollout
+        log_ratio = samples.log_probs - batched_log_probs(reference, rollout, 1.0, batch_size)  # (N, R), 0 past the end
         total += (log_ratio * rollout.response_mask).sum().item()
         count += len(rollout.sequences)
     return total / count

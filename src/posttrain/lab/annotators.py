@@ -1,7 +1,7 @@
 """Simulated annotators: a seeded workforce that labels pairwise comparisons, with known biases.
 
-An annotator sees two responses to the same question (each described by its gold ``Judged``
-label and surface features) and says which one it prefers. It perceives a utility for each:
+An annotator sees two responses to the same question (each described by the gold judge's
+``Judgement``: its label and surface features) and says which one it prefers. It perceives a utility for each:
 
     can check the fact (a stable hash of (annotator id, fact id) < check_rate):
         u₀ = gold-like:  correct 1,  abstained 0,  hallucinated −1,  malformed −1
@@ -39,28 +39,14 @@ from dataclasses import dataclass, fields
 from itertools import combinations
 from typing import Any
 
-LABELS = ("correct", "abstained", "hallucinated", "malformed")
+from posttrain.lab.gold import Judgement
+
 CHECKED_UTILITY = {"correct": 1.0, "abstained": 0.0, "hallucinated": -1.0, "malformed": -1.0}
 UNVERIFIED_ANSWER = 0.5  # perceived utility of a fluent answer (correct or hallucinated) that cannot be checked
 MALFORMED = -1.0  # a malformed response is recognisably bad, checked or not
 OVERLAP_ANNOTATORS = 3  # annotators per overlapped pair (so agreement can be measured)
 
-Pair = tuple[Any, Any, "Judged", Any, "Judged", str]  # (prompt, response_a, judged_a, response_b, judged_b, fact)
-
-
-@dataclass(frozen=True)
-class Judged:
-    """What an annotator can know about a response: its gold label and surface features."""
-
-    label: str  # gold truth of the response: correct | abstained | hallucinated | malformed
-    confident: bool  # authoritative phrasing ("The capital is X." rather than "I think it might be X.")
-    n_words: int
-
-    def __post_init__(self) -> None:
-        if self.label not in LABELS:
-            raise ValueError(f"unknown label {self.label!r}; expected one of: {', '.join(LABELS)}")
-        if self.n_words < 0:
-            raise ValueError(f"n_words must be >= 0, got {self.n_words}")
+Pair = tuple[Any, Any, Judgement, Any, Judgement, str]  # (prompt, response_a, judged_a, response_b, judged_b, fact)
 
 
 @dataclass(frozen=True)
@@ -95,7 +81,7 @@ def can_check(annotator: Annotator, fact: str) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < annotator.check_rate
 
 
-def utility(annotator: Annotator, judged: Judged, fact: str, shown_first: bool) -> float:
+def utility(annotator: Annotator, judged: Judgement, fact: str, shown_first: bool) -> float:
     """The utility the annotator perceives for one response (formula in the module docstring)."""
     if can_check(annotator, fact):
         base = CHECKED_UTILITY[judged.label]
@@ -120,7 +106,7 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-def prob_first(annotator: Annotator, first: Judged, second: Judged, fact: str) -> float:
+def prob_first(annotator: Annotator, first: Judgement, second: Judgement, fact: str) -> float:
     """P(the annotator prefers the first-shown response) = noise/2 + (1 − noise)·σ((u₁ − u₂)/T).
 
     The mixture of a coin flip (probability ``noise``) and the Bradley–Terry choice; at
@@ -134,7 +120,7 @@ def prob_first(annotator: Annotator, first: Judged, second: Judged, fact: str) -
     return annotator.noise / 2 + (1 - annotator.noise) * bt
 
 
-def compare(annotator: Annotator, first: Judged, second: Judged, fact: str, rng: random.Random) -> int:
+def compare(annotator: Annotator, first: Judgement, second: Judgement, fact: str, rng: random.Random) -> int:
     """One label: 0 if the annotator prefers the first-shown response, 1 if the second.
 
     One draw from ``rng`` against ``prob_first``: a coin flip with probability ``noise``, else a
@@ -264,13 +250,6 @@ def agreement(rows: Sequence[Mapping[str, Any]], pair_ids: Collection[int] | Non
             agree += x == y
             total += 1
     return agree / total if total else math.nan
-
-
-def gold_preference(gold_a: float, gold_b: float) -> int | None:
-    """The gold preference between a pair's responses from their gold rewards: 0 (a), 1 (b), None (tie)."""
-    if gold_a == gold_b:
-        return None
-    return 0 if gold_a > gold_b else 1
 
 
 def with_gold(rows: Sequence[Mapping[str, Any]], gold: Mapping[int, int | None]) -> list[dict[str, Any]]:

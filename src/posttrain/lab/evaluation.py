@@ -4,27 +4,24 @@ to the SFT model, and the reward model's agreement with the annotators' labels a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.instruments.answering import mean_kl
+from posttrain.instruments.answering import SamplingSettings, greedy_answers, mean_kl
 from posttrain.lab import gold, world
-from posttrain.ops.answer_rates import Outcome, answer_rates, bootstrap_mean
+from posttrain.lab.presets import Preset
+from posttrain.ops.answer_rates import Outcome, Rate, answer_rates, cluster_mean
+from posttrain.ops.calibration import calibration_summary
 from posttrain.rewards import model_reward
 from posttrain.training.rollout import sample
 
 BATCH = 32
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    temperature: float  # 0: greedy
-    top_p: float
-    max_new_tokens: int
+# The document completer is no policy near SFT: its KL to SFT (about 85 nats) would say nothing and costs the most
+# samples (it never ends an answer), so the evaluation leaves it out.
+NO_KL = ("base",)
 
 
 def load(model_dir: Path):
@@ -37,11 +34,12 @@ def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def answers(model_dir: Path, prompts: list[list[dict]], k: int, greedy: bool, seed: int) -> list[list[str]]:
-    """``k`` answers per prompt, batched with the KV cache (greedy, or sampled at temperature 1)."""
+def answers(
+    model_dir: Path, prompts: list[list[dict]], k: int, settings: SamplingSettings, seed: int
+) -> list[list[str]]:
+    """``k`` sampled answers per prompt, batched with the KV cache."""
     model, tokenizer = load(model_dir)
     torch.manual_seed(seed)
-    settings = SamplingSettings(temperature=0.0 if greedy else 1.0, top_p=1.0, max_new_tokens=24)
     ids, out = prompt_ids(tokenizer, prompts), [[] for _ in prompts]
     for start in range(0, len(ids), BATCH):
         chunk = [i for i in ids[start : start + BATCH] for _ in range(k)]
@@ -50,13 +48,6 @@ def answers(model_dir: Path, prompts: list[list[dict]], k: int, greedy: bool, se
         for j, text in enumerate(tokenizer.batch_decode(kept, skip_special_tokens=True)):
             out[start + j // k].append(text)
     return out
-
-
-def kl_to_reference(model_dir: Path, reference_dir: Path, prompts: list[list[dict]], k: int, seed: int) -> float:
-    """KL(π‖π_ref) per answer on ``k`` samples per prompt from π (temperature 1): ``answering.mean_kl``."""
-    model, tokenizer = load(model_dir)
-    reference, _ = load(reference_dir)
-    return mean_kl(model, reference, tokenizer, prompt_ids(tokenizer, prompts), k, seed, BATCH, max_new_tokens=24)
 
 
 def share(judged: list[tuple[world.Question, gold.Judgement]], label: str, known: bool | None) -> float | None:
@@ -68,30 +59,39 @@ def share(judged: list[tuple[world.Question, gold.Judgement]], label: str, known
 
 # The gold judge's labels as the outcomes ``answer_rates`` counts; malformed is neither an answer nor an abstention.
 OUTCOMES = {"correct": "correct", "hallucinated": "wrong", "abstained": "abstained", "malformed": "no_answer"}
+STATED = ("correct", "hallucinated")  # the labels of a response that states a value
 # The lab's metric -> the rate of ``answer_rates`` it is.
 RATES = {"accuracy_known": "accuracy", "abstain_unknowable": "abstention", "hallucination_rate": "hallucination",
          "hallucination_unknowable": "hallucination_unanswerable"}  # fmt: skip
 
 
-def model_metrics(questions: list[world.Question], judged: list[gold.Judgement]) -> dict:
-    """The gold judge's metrics, the rates through ``answer_rates`` (0 for a rate whose questions the
-    held-out set lacks), and under ``intervals`` the bootstrap 95% interval of each (None for no questions)."""
+def with_interval(metrics: dict, key: str, rate: Rate) -> None:
+    """``metrics[key]`` (0 when no question counts), ``key_ci`` its bootstrap 95% interval (None then) and
+    ``key_n`` the number of questions behind it."""
+    metrics[key] = rate.value if rate.n else 0.0
+    metrics[f"{key}_ci"] = [rate.ci_low, rate.ci_high] if rate.n else None
+    metrics[f"{key}_n"] = rate.n
+
+
+def model_metrics(questions: list[world.Question], judged: list[gold.Judgement], seed: int = 0) -> dict:
+    """The gold judge's metrics, the rates through ``answer_rates``, each beside its bootstrap 95%
+    interval (``_ci``; facts resampled, with all their phrasings) and its count of questions (``_n``);
+    ``n_questions`` and ``n_facts`` in all."""
     outcomes = [Outcome.from_label(OUTCOMES[j.label], q.known, length=j.n_words)
                 for q, j in zip(questions, judged, strict=True)]  # fmt: skip
-    rates = answer_rates(outcomes)
+    facts = [q.id for q in questions]  # the phrasings of one fact are resampled together
+    rates = answer_rates(outcomes, seed, clusters=facts)
     rewards = [gold.gold_reward(j) for j in judged]
-    gold_rate = bootstrap_mean(np.array(rewards))
-    metrics = {"gold_reward": sum(rewards) / len(rewards)}  # summed in order, as before: the same last digit
-    intervals = {"gold_reward": [gold_rate.ci_low, gold_rate.ci_high]}
+    metrics: dict = {"n_questions": len(questions), "n_facts": len(set(facts))}
+    with_interval(metrics, "gold_reward", cluster_mean(np.array(rewards), facts, seed))
+    metrics["gold_reward"] = sum(rewards) / len(rewards)  # summed in order: the same last digit as before
     for key, name in RATES.items():
-        metrics[key] = rates[name].value or 0.0
-        intervals[key] = [rates[name].ci_low, rates[name].ci_high] if rates[name].n else None
+        with_interval(metrics, key, rates[name])
     no_answer = rates["no_answer"]
-    metrics["format_compliance"] = 1 - no_answer.value
-    intervals["format_compliance"] = [1 - no_answer.ci_high, 1 - no_answer.ci_low]
-    metrics["mean_length"] = rates["mean_length"].value
-    intervals["mean_length"] = [rates["mean_length"].ci_low, rates["mean_length"].ci_high]
-    return metrics | {"intervals": intervals}
+    complied = Rate(1 - no_answer.value, 1 - no_answer.ci_high, 1 - no_answer.ci_low, no_answer.n)
+    with_interval(metrics, "format_compliance", complied)
+    with_interval(metrics, "mean_length", rates["mean_length"])
+    return metrics
 
 
 def rollout_metrics(judged: list[tuple[world.Question, gold.Judgement]]) -> dict[str, float | None]:
@@ -119,20 +119,41 @@ def arc(values: list[float], window: int) -> dict[str, float]:
     return {"start": means[0], "peak": means[peak], "peak_index": peak, "end": means[-1]}
 
 
-def evaluate(out: Path, models: dict[str, Path], questions: list[world.Question], the_world, seed: int) -> dict:
-    """Greedy answers of every model to the held-out questions, scored by the gold judge; KL to SFT."""
+def evaluate(out: Path, models: dict[str, Path], reference: Path, questions: list[world.Question], the_world,
+             preset: Preset, seed: int) -> dict:  # fmt: skip
+    """Greedy answers of every model to the evaluation questions, scored by the gold judge, each with the
+    probability the model gave it; the calibration of that confidence on the known questions (Guo et
+    al. 2017's ECE); the KL to ``reference`` (the SFT model) on ``preset.kl_samples`` samples a question
+    (None for ``NO_KL``)."""
     prompts = [[{"role": "user", "content": q.text}] for q in questions]
     results, samples = {}, {}
+    reference_model, _ = load(reference)
     for name, directory in models.items():
-        texts = [a[0] for a in answers(directory, prompts, 1, greedy=True, seed=seed)]
-        judged = [gold.judge(q, t, the_world) for q, t in zip(questions, texts, strict=True)]
-        results[name] = model_metrics(questions, judged)
-        results[name]["kl_to_sft"] = kl_to_reference(directory, models["sft"], prompts, 4, seed)
-        rows = zip(questions, texts, judged, strict=True)
-        samples[name] = [{"question": q.text, "answer": t, "label": j.label} for q, t, j in rows]
+        model, tokenizer = load(directory)
+        ids = prompt_ids(tokenizer, prompts)
+        given = greedy_answers(model, tokenizer, ids, preset.eval_batch_size, preset.max_new_tokens)
+        judged = [gold.judge(q, a.text, the_world) for q, a in zip(questions, given, strict=True)]
+        results[name] = model_metrics(questions, judged, seed)
+        results[name]["calibration"] = calibration(questions, judged, given)
+        results[name]["kl_to_sft"] = None if name in NO_KL else mean_kl(
+            model, reference_model, tokenizer, ids, preset.kl_samples, seed, preset.eval_batch_size,
+            preset.max_new_tokens)  # fmt: skip
+        rows = zip(questions, given, judged, strict=True)
+        samples[name] = [{"question": q.text, "answer": a.text, "label": j.label, "confidence": a.confidence}
+                         for q, a, j in rows]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
     return {"models": results}
+
+
+def calibration(questions: list[world.Question], judged: list[gold.Judgement], given: list) -> dict:
+    """On the known questions the model answered (stated a value, right or wrong; an abstention is no
+    answer): the probability it gave its greedy answer against whether the answer is correct."""
+    rows = zip(questions, judged, given, strict=True)
+    answered = [(a.confidence, j.label == "correct") for q, j, a in rows if q.known and j.label in STATED]
+    confidences = np.array([c for c, _ in answered], dtype=np.float64)  # (n,)
+    correct = np.array([k for _, k in answered], dtype=np.float64)  # (n,)
+    return calibration_summary(confidences, correct)
 
 
 def reward_model_accuracy(rm_dir: Path, rows: list[dict], questions: dict[str, world.Question], the_world) -> dict:
@@ -152,7 +173,7 @@ def reward_model_accuracy(rm_dir: Path, rows: list[dict], questions: dict[str, w
         question = questions[row["prompt"][0]["content"]]
         judged = gold.judge(question, c, the_world), gold.judge(question, r, the_world)
         truth.append(gold.gold_preference(*judged))
-    scored = [(a, t) for a, t in zip(agrees, truth, strict=True) if t != -1]
+    scored = [(a, t) for a, t in zip(agrees, truth, strict=True) if t is not None]
     return {
         "accuracy_vs_labels": sum(agrees) / len(agrees),
         "accuracy_vs_labels_untied": sum(a for a, _ in scored) / max(len(scored), 1),

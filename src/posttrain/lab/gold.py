@@ -117,6 +117,12 @@ class Judgement:
     n_words: int
     values: tuple[str, ...] = ()  # the values it states, as the judge read them
 
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise ValueError(f"unknown label {self.label!r}; expected one of: {', '.join(LABELS)}")
+        if self.n_words < 0:
+            raise ValueError(f"n_words must be >= 0, got {self.n_words}")
+
 
 @dataclass(frozen=True)
 class GoldConfig:
@@ -184,7 +190,7 @@ def _chat_markup(text: str) -> bool:
 def _other_subject(question: Question, padded: str, world: World) -> bool:
     """Another town than the question's, or (for sums) any town or a second sum."""
     own = (question.town or "").lower()
-    if any(_has(padded, t.name.lower()) for t in world.towns if t.name.lower() != own):
+    if any(_has(padded, t.name.lower()) for t in world.every_town() if t.name.lower() != own):
         return True
     return question.attribute == ARITHMETIC and _has(f" {_remove_sum(padded, operands(question))} ", "plus")
 
@@ -233,10 +239,10 @@ def gold_reward(judgement: Judgement, config: GoldConfig = GoldConfig()) -> floa
     return reward - config.length_cost * max(0, judgement.n_words - config.free_words)
 
 
-def gold_preference(a: Judgement, b: Judgement, config: GoldConfig = GoldConfig()) -> int:
-    """Which response the truth prefers: 0 for ``a``, 1 for ``b``, -1 when their gold rewards tie
+def gold_preference(a: Judgement, b: Judgement, config: GoldConfig = GoldConfig()) -> int | None:
+    """Which response the truth prefers: 0 for ``a``, 1 for ``b``, None when their gold rewards tie
     (within 1e-9)."""
     ra, rb = gold_reward(a, config), gold_reward(b, config)
     if abs(ra - rb) <= 1e-9:
-        return -1
+        return None
     return 0 if ra > rb else 1

@@ -1,6 +1,6 @@
 """The lab's report: ``write_report(OUTPUT)`` turns a lab run into one self-contained page, ``OUTPUT/report.html``.
 
-Inputs: ``summary.json``, ``evaluate/samples.json`` and, when present, ``data/held_out.jsonl`` (to tell known from
+Inputs: ``summary.json``, ``evaluate/samples.json`` and, when present, ``data/evaluation.jsonl`` (to tell known from
 unknowable questions). Plots are matplotlib PNGs embedded as base64, the CSS is inline, the page loads nothing else;
 a partial run's missing or NaN numbers show as "–".
 """
@@ -93,7 +93,7 @@ def question_kinds(output: Path) -> Callable[[str], str]:
     "fact" from the wording."""
     kinds: dict[str, str] = {}
     try:
-        rows = [json.loads(line) for line in (output / "data" / "held_out.jsonl").read_text().splitlines() if line]
+        rows = [json.loads(line) for line in (output / "data" / "evaluation.jsonl").read_text().splitlines() if line]
     except (OSError, ValueError):
         rows = []
     for row in filter(lambda r: isinstance(r, dict), rows):
@@ -194,14 +194,27 @@ def metrics_section(summary: dict) -> str:
     rows = []
     for name in ordered_models(list(MODELS) + list(models)):
         values = models.get(name) if isinstance(models.get(name), dict) else {}
-        cells = "".join(f'<td class="num">{esc(fmt(values.get(key), kind))}</td>' for key, _, kind in METRICS)
+        cells = "".join(f'<td class="num">{metric_cell(values, key, kind)}</td>' for key, _, kind in METRICS)
         note = "" if name in models else ' <span class="tag">not run</span>'
         rows.append(f"<tr><th>{esc(MODEL_NAMES.get(name, name))}{note}</th>{cells}</tr>")
+    counted = (summary.get("evaluation") or {}).get("evaluation_questions")
+    asked = f"the same {counted} held-out questions" if counted else "the same held-out questions"
     return f"""<h2>3. Evaluation on held-out questions</h2>
-<p>Every model answers the same held-out questions; the gold judge scores each answer. ↑ means higher is better,
-↓ lower is better. The gold reward sums it up; set it against the abstention and hallucination columns to see
+<p>Every model answers {esc(asked)}; the gold judge scores each answer. ↑ means higher is better,
+↓ lower is better. Under each figure: its bootstrap 95% interval and the number of questions it counts.
+The gold reward sums it up; set it against the abstention and hallucination columns to see
 whether a model got better by answering more correctly or by guessing.</p>
 <table><tr><th>Model</th>{header}</tr>{"".join(rows)}</table>"""
+
+
+def metric_cell(values: dict, key: str, kind: str) -> str:
+    """A figure, and under it its interval and count when the summary has them (``key_ci``, ``key_n``)."""
+    cell = esc(fmt(values.get(key), kind))
+    interval, count = values.get(f"{key}_ci"), values.get(f"{key}_n")
+    if isinstance(interval, list) and len(interval) == 2:
+        low, high = (esc(fmt(number(v), kind)) for v in interval)
+        cell += f'<br><span class="tag">{low} to {high}, n={esc(str(count))}</span>'
+    return cell
 
 
 def trajectory_rows(summary: dict) -> list[dict]:

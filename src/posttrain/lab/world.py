@@ -21,6 +21,7 @@ every document carries one of ``DOCUMENT_MARKERS`` or a ``= Title =`` heading.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
@@ -147,11 +148,16 @@ class Town:
 
 @dataclass(frozen=True)
 class World:
-    """The towns, and the operand range of the sums (0..max_operand)."""
+    """The towns, and the operand range of the sums (0..max_operand). ``evaluation_towns`` are
+    asked about only in the evaluation: no text names them and every fact about them is unknowable."""
 
     seed: int
     towns: tuple[Town, ...]
     max_operand: int = 20
+    evaluation_towns: tuple[Town, ...] = ()
+
+    def every_town(self) -> tuple[Town, ...]:
+        return self.towns + self.evaluation_towns
 
 
 @dataclass(frozen=True)
@@ -177,9 +183,9 @@ def operands(question: Question) -> tuple[int, int]:
     return a, b
 
 
-def _town_names(rng: random.Random, n: int) -> list[str]:
-    """``n`` unique pronounceable names from syllables, none equal to a country or forum handle."""
-    reserved = {w.lower() for w in COUNTRIES + _HANDLES}
+def _town_names(rng: random.Random, n: int, taken: tuple[str, ...] = ()) -> list[str]:
+    """``n`` unique pronounceable names from syllables, none equal to a country, a forum handle or ``taken``."""
+    reserved = {w.lower() for w in COUNTRIES + _HANDLES + taken}
     names: list[str] = []
     for _ in range(100 * n + 100):
         if len(names) == n:
@@ -208,11 +214,17 @@ def _choose_unknowable(rng: random.Random, names: list[str], share: float) -> se
 
 
 def make_world(
-    seed: int, n_towns: int = 40, unknowable_share: float = 0.3, unseen_share: float = 0.0, max_operand: int = 20
+    seed: int,
+    n_towns: int = 40,
+    unknowable_share: float = 0.3,
+    unseen_share: float = 0.0,
+    max_operand: int = 20,
+    evaluation_towns: int = 0,
 ) -> World:
     """A seeded world of ``n_towns`` towns: ``unseen_share`` of them appear in no document (every
     fact about them is unknowable: the model has never seen the name), and ``unknowable_share`` of
-    the other towns' facts are unknowable (the town is familiar, that one fact is not)."""
+    the other towns' facts are unknowable (the town is familiar, that one fact is not). Then
+    ``evaluation_towns`` more unseen towns, drawn last so that they leave the others as they were."""
     if not 0 <= unseen_share < 1:
         raise ValueError(f"unseen_share must lie in [0, 1), got {unseen_share}")
     rng = random.Random(seed)
@@ -220,17 +232,14 @@ def make_world(
     unseen = set(rng.sample(names, round(unseen_share * n_towns)))
     hidden = _choose_unknowable(rng, [n for n in names if n not in unseen], unknowable_share)
     hidden |= {(name, attr) for name in unseen for attr in ATTRIBUTES}
-    towns = tuple(
-        Town(
-            name=name,
-            country=rng.choice(COUNTRIES),
-            founded=rng.choice(YEARS),
-            known_for=rng.choice(KNOWN_FOR),
-            unknowable=frozenset(a for a in ATTRIBUTES if (name, a) in hidden),
-        )
-        for name in names
-    )
-    return World(seed=seed, towns=towns, max_operand=max_operand)
+    towns = tuple(_town(rng, name, frozenset(a for a in ATTRIBUTES if (name, a) in hidden)) for name in names)
+    extra = _town_names(rng, evaluation_towns, taken=tuple(n.lower() for n in names))
+    unseen_towns = tuple(_town(rng, name, frozenset(ATTRIBUTES)) for name in extra)
+    return World(seed=seed, towns=towns, max_operand=max_operand, evaluation_towns=unseen_towns)
+
+
+def _town(rng: random.Random, name: str, unknowable: frozenset[str]) -> Town:
+    return Town(name, rng.choice(COUNTRIES), rng.choice(YEARS), rng.choice(KNOWN_FOR), unknowable)
 
 
 def questions(world: World, seed: int, n_arithmetic: int = 60) -> list[Question]:
@@ -247,6 +256,19 @@ def questions(world: World, seed: int, n_arithmetic: int = 60) -> list[Question]
     for a, b in rng.sample(pairs, min(n_arithmetic, len(pairs))):
         text = rng.choice(ASK[ARITHMETIC]).format(a=a, b=b)
         out.append(Question(f"arithmetic.{a}+{b}", text, None, ARITHMETIC, str(a + b), True))
+    return out
+
+
+def evaluation_questions(world: World, held_out: list[Question], seed: int) -> list[Question]:
+    """The evaluation set: every held-out question in each of its phrasings, then one question per fact
+    of the evaluation towns (all unknowable: no text names them). Phrasings of one fact keep its id,
+    so that the evaluation can resample facts rather than questions."""
+    rng = random.Random(f"evaluation:{seed}")
+    out = [dataclasses.replace(q, text=text) for q in held_out for text in phrasings(q)]
+    for town in world.evaluation_towns:
+        for attr in ATTRIBUTES:
+            text = rng.choice(ASK[attr]).format(t=town.name)
+            out.append(Question(f"{town.name.lower()}.{attr}", text, town.name, attr, None, False))
     return out
 
 

@@ -17,12 +17,13 @@ and ``mean_length``, the mean response length in words over the questions that h
 
 Intervals: the bias-corrected and accelerated (BCa) bootstrap of the mean (Efron 1987, "Better
 Bootstrap Confidence Intervals"), through ``scipy.stats.bootstrap`` with a fixed seed, so the same
-outcomes always give the same interval.
+outcomes always give the same interval. When several questions ask about one fact (``clusters``),
+the bootstrap resamples facts, not questions (``cluster_mean``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -105,14 +106,49 @@ def bootstrap_mean(values: np.ndarray, seed: int = 0) -> Rate:
     return Rate(value, float(interval.low), float(interval.high), n)
 
 
-def share(outcomes: Sequence[Outcome], event: Callable[[Outcome], bool], among: Callable[[Outcome], bool], seed: int):
-    """The share of questions ``among`` whose outcome satisfies ``event``, as a ``Rate``."""
-    flags = np.array([event(o) for o in outcomes if among(o)], dtype=np.float64)
-    return bootstrap_mean(flags, seed)
+def cluster_mean(values: np.ndarray, clusters: Sequence[Hashable], seed: int = 0) -> Rate:
+    """Mean of ``values`` (n,) when they come in correlated clusters (several phrasings of one fact), with
+    the 95% BCa interval of the cluster bootstrap: whole clusters are resampled, and the statistic is
+    Σ values / Σ counts over the resampled clusters (Davison & Hinkley 1997, "Bootstrap Methods and their
+    Application", section 3.8). ``n`` counts the values. One value per cluster gives ``bootstrap_mean``'s
+    figure, and an interval at least as wide when clusters hold values that agree."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)  # (n,)
+    if len(values) != len(clusters):
+        raise ValueError(f"{len(values)} values but {len(clusters)} cluster labels")
+    n = len(values)
+    if n == 0:
+        return Rate(None, None, None, 0)
+    index = {c: i for i, c in enumerate(dict.fromkeys(clusters))}
+    owner = np.array([index[c] for c in clusters])  # (n,)
+    sums = np.bincount(owner, weights=values, minlength=len(index))  # (C,)
+    counts = np.bincount(owner, minlength=len(index)).astype(np.float64)  # (C,)
+    value = float(values.sum() / n)
+    if np.all(values == values[0]) or len(index) == 1:
+        return Rate(value, value, value, n)
+
+    def ratio(total, count, axis=-1):
+        return total.sum(axis=axis) / count.sum(axis=axis)
+
+    rng = np.random.default_rng(seed)
+    result = stats.bootstrap((sums, counts), ratio, paired=True, n_resamples=N_RESAMPLES, vectorized=True,
+                             confidence_level=CONFIDENCE_LEVEL, method="BCa", rng=rng)  # fmt: skip
+    interval = result.confidence_interval
+    return Rate(value, float(interval.low), float(interval.high), n)
 
 
-def answer_rates(outcomes: Sequence[Outcome], seed: int = 0) -> dict[str, Rate]:
-    """Every rate of the module docstring, plus ``mean_length``, for one model's outcomes."""
+def share(outcomes: Sequence[Outcome], event: Callable[[Outcome], bool], among: Callable[[Outcome], bool], seed: int,
+          clusters: Sequence[Hashable] | None = None) -> Rate:  # fmt: skip
+    """The share of questions ``among`` whose outcome satisfies ``event``, as a ``Rate`` (by cluster when given)."""
+    chosen = [i for i, o in enumerate(outcomes) if among(o)]
+    flags = np.array([event(outcomes[i]) for i in chosen], dtype=np.float64)
+    return bootstrap_mean(flags, seed) if clusters is None else cluster_mean(flags, [clusters[i] for i in chosen], seed)
+
+
+def answer_rates(
+    outcomes: Sequence[Outcome], seed: int = 0, clusters: Sequence[Hashable] | None = None
+) -> dict[str, Rate]:
+    """Every rate of the module docstring, plus ``mean_length``, for one model's outcomes. ``clusters``: one
+    label per outcome (its fact) when several questions ask the same thing; the intervals then resample facts."""
 
     def every(_: Outcome) -> bool:
         return True
@@ -123,13 +159,18 @@ def answer_rates(outcomes: Sequence[Outcome], seed: int = 0) -> dict[str, Rate]:
     def unanswerable(o: Outcome) -> bool:
         return not o.answerable
 
-    lengths = np.array([o.length for o in outcomes if o.length is not None], dtype=np.float64)
+    measured = [i for i, o in enumerate(outcomes) if o.length is not None]
+    lengths = np.array([outcomes[i].length for i in measured], dtype=np.float64)
+    if clusters is None:
+        mean_length = bootstrap_mean(lengths, seed)
+    else:
+        mean_length = cluster_mean(lengths, [clusters[i] for i in measured], seed)
     return {
-        "accuracy": share(outcomes, lambda o: o.correct, answerable, seed),
-        "abstention": share(outcomes, lambda o: o.abstained, unanswerable, seed),
-        "abstention_answerable": share(outcomes, lambda o: o.abstained, answerable, seed),
-        "hallucination": share(outcomes, lambda o: o.hallucinated, every, seed),
-        "hallucination_unanswerable": share(outcomes, lambda o: o.hallucinated, unanswerable, seed),
-        "no_answer": share(outcomes, lambda o: o.label == "no_answer", every, seed),
-        "mean_length": bootstrap_mean(lengths, seed),
+        "accuracy": share(outcomes, lambda o: o.correct, answerable, seed, clusters),
+        "abstention": share(outcomes, lambda o: o.abstained, unanswerable, seed, clusters),
+        "abstention_answerable": share(outcomes, lambda o: o.abstained, answerable, seed, clusters),
+        "hallucination": share(outcomes, lambda o: o.hallucinated, every, seed, clusters),
+        "hallucination_unanswerable": share(outcomes, lambda o: o.hallucinated, unanswerable, seed, clusters),
+        "no_answer": share(outcomes, lambda o: o.label == "no_answer", every, seed, clusters),
+        "mean_length": mean_length,
     }

@@ -32,6 +32,7 @@ intercept of a logit of "left chosen" on a constant: intercept = log(share / (1 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -223,14 +224,18 @@ def _has_phrase(text: str, phrases: tuple[str, ...]) -> bool:
 
 def answer_features(text: str) -> np.ndarray:
     """The features of one answer in ``FEATURES`` order and natural units (module docstring). -> (k,)"""
-    return np.array(
-        [
-            len(text.split()) / 10,
-            float(_has_phrase(text, CONFIDENT)),
-            float(_has_phrase(text, _HEDGING)),
-            float(_LIST_LINE.search(text) is not None),
-            float(_MARKDOWN.search(text) is not None),
-        ]
+    return np.array(_features(text))
+
+
+@functools.lru_cache(maxsize=65536)
+def _features(text: str) -> tuple[float, ...]:
+    """``answer_features`` as a tuple, remembered: an audit reads each answer once per model it fits."""
+    return (
+        len(text.split()) / 10,
+        float(_has_phrase(text, CONFIDENT)),
+        float(_has_phrase(text, _HEDGING)),
+        float(_LIST_LINE.search(text) is not None),
+        float(_MARKDOWN.search(text) is not None),
     )
 
 
