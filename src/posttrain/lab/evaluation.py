@@ -16,7 +16,7 @@ from posttrain.lab.presets import Preset
 from posttrain.ops.answer_rates import Outcome, Rate, answer_rates, cluster_mean
 from posttrain.ops.calibration import calibration_summary
 from posttrain.rewards import model_reward
-from posttrain.training.rollout import sample
+from posttrain.training.sampler import fast_sampler
 
 BATCH = 32
 # The document completer is no policy near SFT: its KL to SFT (about 85 nats) would say nothing and costs the most
@@ -43,7 +43,7 @@ def answers(
     ids, out = prompt_ids(tokenizer, prompts), [[] for _ in prompts]
     for start in range(0, len(ids), BATCH):
         chunk = [i for i in ids[start : start + BATCH] for _ in range(k)]
-        rollout = sample(model, chunk, tokenizer, settings)
+        rollout = fast_sampler(model, chunk, tokenizer, settings).rollout  # generate's tokens, prompts prefilled once
         kept = [r[m.bool()] for r, m in zip(rollout.responses, rollout.response_mask, strict=True)]
         for j, text in enumerate(tokenizer.batch_decode(kept, skip_special_tokens=True)):
             out[start + j // k].append(text)

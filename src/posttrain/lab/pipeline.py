@@ -102,7 +102,8 @@ def pretrain(run: Run, out: Path) -> dict:
     tokenizer = train_tokenizer(texts, vocab_size=preset.vocab_size)
     init = out.parent / "init"
     build_llama(tokenizer, preset.hidden_size, preset.num_layers, num_heads=preset.num_heads,
-                num_kv_heads=preset.num_kv_heads, max_positions=512, seed=run.seed).save_pretrained(init)  # fmt: skip
+                num_kv_heads=preset.num_kv_heads, intermediate_size=preset.intermediate_size, max_positions=512,
+                seed=run.seed).save_pretrained(init)  # fmt: skip
     tokenizer.save_pretrained(init)
     stage = SFTConfig(
         model=str(init),

@@ -31,6 +31,7 @@ class Preset:
     # the model
     vocab_size: int = 1000
     hidden_size: int = 128
+    intermediate_size: int = 344  # Llama's 8/3 of the hidden size, rounded to a multiple of 8
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
@@ -78,6 +79,7 @@ PRESETS = {
         n_towns=8,
         eval_towns=2,
         hidden_size=32,
+        intermediate_size=128,
         num_layers=2,
         vocab_size=400,
         pretrain_steps=10,
@@ -95,6 +97,7 @@ PRESETS = {
         arithmetic_copies=3,
         eval_towns=40,
         hidden_size=192,
+        intermediate_size=768,
         pretrain_steps=1500,
         sft_steps=300,
         pairs_per_prompt=28,
