@@ -1,12 +1,13 @@
 """The lab end to end on the quick preset: the directions it must show.
 
 The seed runs with the biased annotator pool, then with the careful pool reusing the biased
-run's data, base and SFT steps (``--reuse``). The thresholds are directions with a margin, not
-tuned values: each one fails if the effect it names is absent. Each margin is at most about half
-the smallest effect measured over seeds 0 and 1 on a 2-core AVX2 host (docs/lab.md), and the
-comparisons use means over a quarter of the PPO iterations rather than the noisy peak of a window.
-One seed: each costs about 9 minutes of the suite's 20 on the slow hosts. ``make test`` pins the
-CPU kernels to AVX2 so that AVX-512 hosts run the same trajectories.
+run's data, base and SFT steps (``--reuse``), then the KL sweep's two ends (no KL penalty and the
+largest coefficient) from the biased run's SFT and reward models. The thresholds are directions
+with a margin, not tuned values: each one fails if the effect it names is absent. Margins come from
+the effects measured on a 2-core AVX2 host (docs/lab.md), and the comparisons use means over a
+quarter of the PPO iterations rather than the noisy peak of a window. One seed: it costs about 9
+minutes of the suite's 20 on the slow hosts. ``make test`` pins the CPU kernels to AVX2 so that
+AVX-512 hosts run the same trajectories.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ SEEDS = (0,)
 
 @pytest.fixture(scope="module")
 def summaries(tmp_path_factory) -> dict[tuple[int, str], dict]:
+    """Per seed: the biased and careful lab runs' summaries, and the KL sweep's ends (no penalty, the largest)
+    from the biased run's SFT and reward models (``--arms`` runs those two of the experiment's four)."""
     root = tmp_path_factory.mktemp("lab")
     found = {}
     for seed in SEEDS:
-        biased, careful = root / f"biased-{seed}", root / f"careful-{seed}"
+        biased, careful, sweep = root / f"biased-{seed}", root / f"careful-{seed}", root / f"kl-sweep-{seed}"
         assert main(["lab", "--output", str(biased), "--seed", str(seed)]) == 0
         assert main(["lab", "--output", str(careful), "--seed", str(seed), "--annotators", "careful",
                      "--reuse", str(biased)]) == 0  # fmt: skip
         for pool, run in (("biased", biased), ("careful", careful)):
             found[seed, pool] = json.loads((run / "summary.json").read_text())
+        assert main(["lab", "--experiment", "kl-sweep", "--output", str(sweep), "--seeds", str(seed),
+                     "--reuse", str(biased), "--arms", "kl-0,kl-0.2"]) == 0  # fmt: skip
+        found[seed, "kl-sweep"] = json.loads((sweep / "experiment.json").read_text())
     return found
 
 
@@ -91,3 +97,14 @@ def test_careful_annotators_do_not_teach_hacking(summaries, seed):
     assert change["c"] >= change["b"] + 0.04
     # and invention grows far less, if at all (measured: 0.31 and 0.25 less)
     assert invent["c"][1] - invent["c"][0] <= invent["b"][1] - invent["b"][0] - 0.15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_without_a_kl_penalty_ppo_pleases_the_reward_model_more_and_the_truth_less(summaries, seed):
+    arms = summaries[seed, "kl-sweep"]["figures"]["arms"]
+    free, held = arms["kl-0"], arms["kl-0.2"]
+    # last quarter, seeds 0, 1, 2 (docs/lab.md): proxy higher by 0.47, 0.36, 0.38; gold lower by 0.36, 0.32, 0.28
+    assert free["proxy_end"]["mean"] >= held["proxy_end"]["mean"] + 0.15
+    assert free["gold_end"]["mean"] <= held["gold_end"]["mean"] - 0.14
+    assert free["sqrt_kl_end"]["mean"] > held["sqrt_kl_end"]["mean"]

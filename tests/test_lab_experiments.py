@@ -15,6 +15,7 @@ from posttrain.lab.experiments import (
     EXPERIMENTS,
     TRUNK,
     arm_run,
+    chosen_arms,
     mitigations,
     over_seeds,
     pooled_bins,
@@ -57,7 +58,7 @@ def test_pooled_bins_weight_by_count():
          {"lower": 0.5, "upper": 1.0, "count": 0, "mean_confidence": None, "accuracy": None}]  # fmt: skip
     b = [{"lower": 0.0, "upper": 0.5, "count": 3, "mean_confidence": 0.4, "accuracy": 1 / 3},
          {"lower": 0.5, "upper": 1.0, "count": 0, "mean_confidence": None, "accuracy": None}]  # fmt: skip
-    first, second = pooled_bins([a, b])
+    first, second = pooled_bins([a, [], b])  # the middle seed's model answered no known question
     assert first["count"] == 4 and first["mean_confidence"] == pytest.approx((0.2 + 3 * 0.4) / 4)
     assert first["accuracy"] == pytest.approx(1 / 4)
     assert second == {"lower": 0.5, "upper": 1.0, "count": 0, "mean_confidence": None, "accuracy": None}
@@ -77,7 +78,15 @@ def test_experiment_bad_input(tmp_path, capsys):
     assert "--seeds 0,x: expected comma-separated integers" in capsys.readouterr().err
     assert main(["lab", "--experiment", "kl-sweep", "--seed", "1", "--output", str(tmp_path / "x")]) == 2
     assert main(["lab", "--seeds", "0,1", "--output", str(tmp_path / "x")]) == 2
-    assert "--seeds goes with --experiment" in capsys.readouterr().err
+    assert "--seeds and --arms go with --experiment" in capsys.readouterr().err
+    assert main(["lab", "--experiment", "kl-sweep", "--arms", "kl-9", "--output", str(tmp_path / "y")]) == 2
+    assert "--arms kl-9: not an arm of this experiment; its arms: trunk, kl-0, kl-0.02" in capsys.readouterr().err
+
+
+def test_chosen_arms_keep_the_arms_they_read_from():
+    arms = mitigations()
+    assert [a.name for a in chosen_arms(arms, ("ensemble-uwo",))] == [TRUNK, "ensemble", "ensemble-uwo"]
+    assert chosen_arms(arms, ()) == arms
 
 
 def experiment(tmp_path: Path, name: str, seeds: str = "0", *extra: str) -> dict:
@@ -127,6 +136,8 @@ def test_frontier_and_calibration_on_the_smoke_preset(tmp_path):
     for figures in models.values():
         ece = figures["ece"]["mean"]
         assert ece is None or 0.0 <= ece <= 1.0
+        assert 0.0 <= figures["ece_choice"]["mean"] <= 1.0 and 0.0 <= figures["accuracy_choice"]["mean"] <= 1.0
+        assert sum(b["count"] for b in figures["bins_choice"]) > 0  # every known question gets a pick
 
 
 def test_every_experiment_is_documented():

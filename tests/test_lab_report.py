@@ -63,7 +63,9 @@ def make_lab(root, with_ppo: bool = True, missing: str | None = "dpo"):
     models = {
         "base": dict(metrics, gold_reward=-0.9, format_compliance=0.05, kl_to_sft=float("nan")),
         "sft": dict(metrics, kl_to_sft=0.0),
-        "ppo": dict(metrics, gold_reward=-0.37, hallucination_unknowable=0.9),
+        "ppo": dict(
+            metrics, gold_reward=-0.37, hallucination_unknowable=0.9, gold_reward_ci=[-0.52, -0.21], gold_reward_n=201
+        ),
         "dpo": dict(metrics, gold_reward=0.1, hallucination_unknowable=0.6),
     }
     models.pop(missing, None)
@@ -92,8 +94,8 @@ def make_lab(root, with_ppo: bool = True, missing: str | None = "dpo"):
     }
     (root / "evaluate" / "samples.json").write_text(json.dumps(samples))
     (root / "data").mkdir()
-    held_out = [{"text": q, "known": k, "attribute": a} for q, k, a, _ in QUESTIONS]
-    (root / "data" / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    asked = [{"text": q, "known": k, "attribute": a} for q, k, a, _ in QUESTIONS]
+    (root / "data" / "evaluation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in asked))
     return root
 
 
@@ -160,7 +162,8 @@ def test_sample_table_mixes_question_kinds_and_texts_follow_the_numbers(tmp_path
     assert "moving averages over 8 iterations" in page and "learned the annotators&#x27; biases" in page
     assert "16 percentage points" in page  # 0.68 on the labels of untied pairs against 0.52 on gold
     assert "annotators agree on 61%" in page and "matches 58% of the labels" in page
-    (lab / "data" / "held_out.jsonl").unlink()  # without it, sums are still told apart by their wording
+    assert '-0.37<br><span class="tag">-0.52 to -0.21, n=201</span>' in page  # the interval and count
+    (lab / "data" / "evaluation.jsonl").unlink()  # without it, sums are still told apart by their wording
     kinds = re.findall(r'<td>[^<]*<span class="tag">([a-z ]+)</span></td>', write_report(lab).read_text())
     assert sorted(kinds) == ["fact"] * 6 + ["sum"] * 2
 

@@ -15,6 +15,8 @@ from posttrain.lab.world import (
     Question,
     Town,
     World,
+    candidate_answers,
+    candidate_values,
     demonstrations,
     evaluation_questions,
     fact_value,
@@ -132,6 +134,18 @@ def test_evaluation_set_asks_every_phrasing_and_unseen_towns_and_leaves_the_worl
     # the judge knows the evaluation towns: an answer about another of them is about another subject
     other = w.evaluation_towns[1].name
     assert judge(unseen[0], f"{other} is in {COUNTRIES[0]}.", w).label == "malformed"
+
+
+def test_candidate_answers_are_one_phrasing_with_every_value(world: World):
+    known = [q for q in questions(world, seed=3, n_arithmetic=5) if q.known]
+    for attribute in ("country", "founded", "known_for", "arithmetic"):
+        question = next(q for q in known if q.attribute == attribute)
+        values, answers = candidate_values(question, world), candidate_answers(question, world)
+        assert len(values) == len(answers) == len(set(answers)) and question.answer in values
+        right = answers[values.index(question.answer)]
+        assert judge(question, right, world).label == "correct"
+        assert all(judge(question, a, world).label == "hallucinated" for a in answers if a != right)
+    assert len(candidate_values(next(q for q in known if q.attribute == "arithmetic"), world)) == 41  # 0 to 40
 
 
 # --- the corpus -----------------------------------------------------------------------------------

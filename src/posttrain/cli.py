@@ -92,12 +92,13 @@ def _lab(args: argparse.Namespace) -> None:
         if args.seed is not None or args.annotators is not None:
             raise UserError("--experiment takes --seeds, not --seed or --annotators (each arm says its own pool)")
         seeds = parse_seeds(args.seeds or "0")
-        config = ExperimentConfig(args.experiment, args.output, args.preset, seeds, args.reuse)
+        only = tuple(args.arms.split(",")) if args.arms else ()
+        config = ExperimentConfig(args.experiment, args.output, args.preset, seeds, args.reuse, only)
         output = run_experiment(config)
         print(f"wrote {output / 'report.html'} (numbers in {output / 'experiment.json'})")
         return
-    if args.seeds:
-        raise UserError("--seeds goes with --experiment; a single lab run takes --seed")
+    if args.seeds or args.arms:
+        raise UserError("--seeds and --arms go with --experiment; a single lab run takes --seed")
     config = LabConfig(args.output, args.preset, args.seed or 0, args.annotators or "biased", args.reuse)
     output = run_lab(config)
     print(f"wrote {output / 'report.html'} (numbers in {output / 'summary.json'})")
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run an experiment over seeds instead: kl-sweep, frontier, mitigations or calibration "
                      "(docs/lab.md)")  # fmt: skip
     lab.add_argument("--seeds", default="", metavar="S,S,...", help="an experiment's seeds (default: 0)")
+    lab.add_argument("--arms", default="", metavar="ARM,...", help="run only these arms of the experiment "
+                     "(and the arms they read from; default: all)")  # fmt: skip
     lab.add_argument("--reuse", default="", metavar="DIR",
                      help="copy the steps that do not depend on the annotators (data, base, sft) from the lab run "
                      "in DIR (same preset and seed); with --experiment, the shared steps up to the reward model "

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.instruments.answering import SamplingSettings, greedy_answers, mean_kl
+from posttrain.instruments.answering import SamplingSettings, choice_log_probs, greedy_answers, mean_kl, pick
 from posttrain.lab import gold, world
 from posttrain.lab.presets import Preset
 from posttrain.ops.answer_rates import Outcome, Rate, answer_rates, cluster_mean
@@ -135,6 +135,8 @@ def evaluate(out: Path, models: dict[str, Path], reference: Path, questions: lis
         judged = [gold.judge(q, a.text, the_world) for q, a in zip(questions, given, strict=True)]
         results[name] = model_metrics(questions, judged, seed)
         results[name]["calibration"] = calibration(questions, judged, given)
+        if preset.eval_choice_calibration:  # about 25 s a model on the quick preset: every value of every known fact
+            results[name]["calibration_choice"] = choice_calibration(model, tokenizer, questions, the_world, preset)
         results[name]["kl_to_sft"] = None if name in NO_KL else mean_kl(
             model, reference_model, tokenizer, ids, preset.kl_samples, seed, preset.eval_batch_size,
             preset.max_new_tokens)  # fmt: skip
@@ -144,6 +146,22 @@ def evaluate(out: Path, models: dict[str, Path], reference: Path, questions: lis
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
     return {"models": results}
+
+
+def choice_calibration(model, tokenizer, questions: list[world.Question], the_world, preset: Preset) -> dict:
+    """The known questions as multiple choices over every value of their attribute, each in the same plain
+    phrasing (``world.candidate_answers``): the pick is the likeliest choice, its confidence the softmax over
+    the choices (``answering.pick``), as the GPT-4 technical report reads confidence on MMLU. The phrasing
+    is fixed, so the confidence is in the value, not spread over ways of saying it."""
+    known = [q for q in questions if q.known]
+    ids = prompt_ids(tokenizer, [[{"role": "user", "content": q.text}] for q in known])
+    choices = [tuple(world.candidate_answers(q, the_world)) for q in known]
+    scores = choice_log_probs(model, tokenizer, ids, choices, True, preset.eval_batch_size)
+    picks = [pick(s) for s in scores]  # (index, probability) per question
+    truth = [world.candidate_values(q, the_world).index(q.answer) for q in known]
+    confidences = np.array([p for _, p in picks], dtype=np.float64)  # (n,)
+    correct = np.array([i == t for (i, _), t in zip(picks, truth, strict=True)], dtype=np.float64)  # (n,)
+    return calibration_summary(confidences, correct) | {"accuracy": float(correct.mean()) if len(correct) else None}
 
 
 def calibration(questions: list[world.Question], judged: list[gold.Judgement], given: list) -> dict:

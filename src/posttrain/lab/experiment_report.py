@@ -67,50 +67,53 @@ def ppo_section(summary: dict) -> str:
 
 
 def frontier_section(summary: dict) -> str:
-    """Gold against KL for SFT, the PPO arms and the DPO arms, with intervals over seeds."""
+    """Gold against KL for SFT, the PPO arms and the DPO arms: every seed's model faint, the means over seeds
+    joined (the intervals are in the table: over three seeds they are too wide to draw)."""
     points, arms = summary["figures"]["points"], summary["arms"]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     families = {"PPO": [n for n in points if n.startswith("ppo")], "DPO": [n for n in points if n.startswith("dpo")]}
     for (family, names), colour in zip(families.items(), cycle(2), strict=True):
+        for n in names:
+            ax.scatter(points[n]["kl"]["values"], points[n]["gold"]["values"], s=14, color=colour, alpha=0.3)
         xs = [points[n]["kl"]["mean"] for n in names]
         ys = [points[n]["gold"]["mean"] for n in names]
-        xerr = spread([points[n]["kl"] for n in names])
-        yerr = spread([points[n]["gold"] for n in names])
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o-", color=colour, capsize=3, label=family)
+        ax.plot(xs, ys, "o-", color=colour, label=f"{family}, mean over seeds")
         for n, x, y in zip(names, xs, ys, strict=True):
             ax.annotate(arms[n]["label"].split(", ")[-1], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     sft = points["sft"]
     ax.plot([0], [sft["gold"]["mean"]], "k*", markersize=10, label="SFT")
-    ax.set(xlabel="KL to SFT on the held-out questions (nats)", ylabel="held-out gold reward")
+    ax.set_xscale("symlog", linthresh=1.0)  # KL from 0 (SFT) to tens of nats
+    ax.set(xlabel="KL to SFT on the evaluation set (nats, log scale above 1)", ylabel="held-out gold reward")
     ax.legend(frameon=False)
     label = {"sft": "SFT", **{n: a["label"] for n, a in arms.items()}}
     rows = [[label[n], figure_text(p["kl"], "num3"), figure_text(p["gold"], "signed")] for n, p in points.items()]
     return figure_png(fig) + table(["model", "KL to SFT (nats)", "held-out gold"], rows)
 
 
-def spread(figures: list[dict]) -> np.ndarray:
-    """Error bars (2, n) from the intervals over seeds; zero without one."""
-    bars = [[f["mean"] - f["ci"][0], f["ci"][1] - f["mean"]] if f["ci"] else [0.0, 0.0] for f in figures]
-    return np.array(bars, dtype=np.float64).T.reshape(2, len(figures))
-
-
 def calibration_section(summary: dict) -> str:
-    """A reliability diagram per model (seeds pooled) and ECE, Brier and answers over seeds."""
+    """A reliability diagram per model for the multiple-choice reading (seeds pooled), and ECE, Brier and
+    accuracy over seeds for both readings of confidence."""
     models = summary["figures"]["models"]
     fig = Figure(figsize=(4 * len(models), 3.8))
     for ax, (name, figures) in zip(np.atleast_1d(fig.subplots(1, len(models))), models.items(), strict=True):
-        bins = [b for b in figures["bins"] if b["count"]]
+        bins = [b for b in figures["bins_choice"] if b["count"]]
         centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
-        ax.bar(centres, [b["accuracy"] for b in bins], width=1 / max(len(figures["bins"]), 1), alpha=0.6,
+        ax.bar(centres, [b["accuracy"] for b in bins], width=1 / max(len(figures["bins_choice"]), 1), alpha=0.6,
                edgecolor="#333333")  # fmt: skip
         ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set(title=f"{name.upper()}: ECE {figure_text(figures['ece'], 'num3')}", xlim=(0, 1), ylim=(0, 1),
-               xlabel="confidence", ylabel="accuracy")  # fmt: skip
+        ax.set(title=f"{name.upper()}: ECE {figure_text(figures['ece_choice'], 'num3')}", xlim=(0, 1), ylim=(0, 1),
+               xlabel="confidence (multiple choice)", ylabel="accuracy")  # fmt: skip
     fig.tight_layout()
-    rows = [[name.upper(), figure_text(f["ece"], "num3"), figure_text(f["brier"], "num3"),
+    rows = [[name.upper(), figure_text(f["ece_choice"], "num3"), figure_text(f["brier_choice"], "num3"),
+             figure_text(f["accuracy_choice"], "pct"), figure_text(f["ece"], "num3"), figure_text(f["brier"], "num3"),
              figure_text(f["answered"], "num1")] for name, f in models.items()]  # fmt: skip
-    return figure_png(fig) + table(["model", "ECE", "Brier", "known questions answered"], rows)
+    header = ["model", "ECE, multiple choice", "Brier, multiple choice", "accuracy, multiple choice",
+              "ECE, greedy answer", "Brier, greedy answer", "known questions answered"]  # fmt: skip
+    note = ("Multiple choice: every value of the fact's attribute in one fixed phrasing, the pick the likeliest, its "
+            "confidence the softmax over the choices (as the GPT-4 report reads MMLU). Greedy answer: the probability "
+            "of the answer the model wrote, on the known questions where it stated a value.")  # fmt: skip
+    return figure_png(fig) + f"<p>{esc(note)}</p>" + table(header, rows)
 
 
 SECTIONS = {"kl-sweep": ppo_section, "mitigations": ppo_section, "frontier": frontier_section,

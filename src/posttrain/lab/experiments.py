@@ -16,8 +16,9 @@ settings, every arm's figures per seed and their means with a t-interval over th
   mitigations  from the biased pool: one reward model, an ensemble of three with conservative
                aggregation (min, mean − std, uwo; Coste et al. 2023), a larger KL coefficient, and
                PPO stopped by the gold monitor
-  calibration  ECE and reliability of base, SFT, PPO and DPO on known questions (the GPT-4
-               technical report: RLHF degraded calibration)
+  calibration  ECE and reliability of base, SFT, PPO and DPO on known questions, read from the
+               greedy answer and as a multiple choice over every value (the GPT-4 technical
+               report: RLHF degraded calibration)
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def mitigations() -> list[Arm]:
 
 
 def calibration() -> list[Arm]:
-    return [trunk(), ppo_arm("ppo", "PPO"), dpo_arm("dpo", "DPO")]
+    choice = {"eval_choice_calibration": True}
+    reference = Arm("reference", ("evaluate",), choice, evaluated=("base", "sft"), label="base and SFT")
+    return [trunk(), reference, ppo_arm("ppo", "PPO", **choice), dpo_arm("dpo", "DPO", **choice)]
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class ExperimentConfig:
     preset: str = "quick"
     seeds: tuple[int, ...] = (0,)
     reuse: str = ""  # another experiment (or a biased lab run) whose shared steps are copied into the trunks
+    only: tuple[str, ...] = ()  # run these arms (and those they come after) instead of all
 
     def validate(self) -> None:
         if self.experiment not in EXPERIMENTS:
@@ -150,6 +154,22 @@ class ExperimentConfig:
             raise UserError(f"--preset {self.preset}: unknown preset; valid presets: {', '.join(PRESETS)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"--seeds {','.join(map(str, self.seeds))}: give distinct seeds, e.g. 0,1,2")
+
+
+def chosen_arms(arms: list[Arm], only: tuple[str, ...]) -> list[Arm]:
+    """``arms`` in their order, kept when named in ``only`` or needed by one that is (all when ``only`` is empty)."""
+    if not only:
+        return arms
+    by_name = {a.name: a for a in arms}
+    unknown = [name for name in only if name not in by_name]
+    if unknown:
+        raise UserError(f"--arms {','.join(unknown)}: not an arm of this experiment; its arms: {', '.join(by_name)}")
+    kept = set()
+    for name in only:
+        while name:
+            kept.add(name)
+            name = by_name[name].after
+    return [a for a in arms if a.name in kept]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -170,7 +190,7 @@ def run_experiment(config: ExperimentConfig) -> Path:
         settings = {"experiment": config.experiment, "preset": config.preset,
                     "preset_values": dataclasses.asdict(PRESETS[config.preset])}  # fmt: skip
         pipeline.start_run(out, settings, what="lab experiment")
-        arms = experiment.arms()
+        arms = chosen_arms(experiment.arms(), config.only)
         by_seed = [{arm.name: run_arm(config, arms, arm, seed) for arm in arms} for seed in config.seeds]
         results = {arm.name: [found[arm.name] for found in by_seed] for arm in arms}  # arm -> one result a seed
         summary = {"experiment": config.experiment, "preset": config.preset, "seeds": list(config.seeds),
@@ -293,23 +313,30 @@ def model_point(per_seed: list[dict], model: str) -> dict:
 
 def summarise_calibration(arms: list[Arm], results: dict[str, list[dict]]) -> dict:
     """Per model: ECE, Brier, accuracy on the known questions it answered, and how many it answered."""
-    sources = {"base": TRUNK, "sft": TRUNK, "ppo": "ppo", "dpo": "dpo"}
+    sources = {"base": "reference", "sft": "reference", "ppo": "ppo", "dpo": "dpo"}
     models = {}
     for model, arm in sources.items():
-        per_seed = [r["models"][model]["calibration"] for r in results[arm]]
+        if arm not in results:  # left out by --arms
+            continue
+        free = [r["models"][model]["calibration"] for r in results[arm]]
+        choice = [r["models"][model]["calibration_choice"] for r in results[arm]]
         models[model] = {
-            "ece": over_seeds([c["ece"] for c in per_seed]),
-            "brier": over_seeds([c["brier"] for c in per_seed]),
-            "answered": over_seeds([c["n"] for c in per_seed]),
-            "bins": pooled_bins([c["bins"] for c in per_seed]),
+            "ece": over_seeds([c["ece"] for c in free]),
+            "brier": over_seeds([c["brier"] for c in free]),
+            "answered": over_seeds([c["n"] for c in free]),
+            "ece_choice": over_seeds([c["ece"] for c in choice]),
+            "brier_choice": over_seeds([c["brier"] for c in choice]),
+            "accuracy_choice": over_seeds([c["accuracy"] for c in choice]),
+            "bins_choice": pooled_bins([c["bins"] for c in choice]),
         }
     return {"models": models}
 
 
 def pooled_bins(per_seed: list[list[dict]]) -> list[dict]:
-    """The reliability bins of every seed pooled: counts summed, confidence and accuracy weighted by count."""
+    """The reliability bins of every seed pooled: counts summed, confidence and accuracy weighted by count (a seed
+    whose model answered no known question has no bins)."""
     pooled = []
-    for bins in zip(*per_seed, strict=True):
+    for bins in zip(*(b for b in per_seed if b), strict=True):
         count = sum(b["count"] for b in bins)
         weighted = {key: sum(b[key] * b["count"] for b in bins if b["count"]) / count if count else None
                     for key in ("mean_confidence", "accuracy")}  # fmt: skip

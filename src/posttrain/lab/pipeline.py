@@ -11,7 +11,7 @@
   rm           a reward model on those labels, scored against the held-out labels and the truth
   ppo          PPO against the reward model; every rollout is also scored by the gold judge
   dpo          DPO on the same labels
-  evaluate     every model answers the held-out questions; the gold judge scores them; KL to SFT
+  evaluate     every model answers the evaluation set; the gold judge scores them; KL to SFT
 
 Each step writes under ``OUTPUT/<step>/`` and marks itself done last (``step.json``), so a
 finished step is skipped and an interrupted run resumes at the step it stopped in. Then
@@ -312,13 +312,13 @@ def evaluate(run: Run, out: Path) -> dict:
 # The lab, in order. Seconds: the quick preset alone on a 2-core AVX2 host (bench/lab_times.py).
 STEPS = [
     Step("data", make_data, needs=(), seconds=1),
-    Step("base", pretrain, needs=("data",), seconds=145),
-    Step("sft", finetune, needs=("base", "data"), seconds=30),
-    Step("preferences", preferences, needs=("sft", "data"), seconds=16, reads_labels=True),
-    Step("rm", reward_model, needs=("sft", "preferences"), seconds=60),
-    Step("ppo", ppo, needs=("sft", "rm", "data"), seconds=69),
-    Step("dpo", dpo, needs=("sft", "preferences"), seconds=21),
-    Step("evaluate", evaluate, needs=("data", "base", "sft", "ppo", "dpo"), seconds=6),
+    Step("base", pretrain, needs=("data",), seconds=109),
+    Step("sft", finetune, needs=("base", "data"), seconds=31),
+    Step("preferences", preferences, needs=("sft", "data"), seconds=11, reads_labels=True),
+    Step("rm", reward_model, needs=("sft", "preferences"), seconds=41),
+    Step("ppo", ppo, needs=("sft", "rm", "data"), seconds=59),
+    Step("dpo", dpo, needs=("sft", "preferences"), seconds=13),
+    Step("evaluate", evaluate, needs=("data", "base", "sft", "ppo", "dpo"), seconds=10),
 ]
 
 

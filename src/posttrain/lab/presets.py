@@ -28,6 +28,7 @@ class Preset:
     max_new_tokens: int = 24  # every sampled answer: preferences, PPO rollouts, evaluation
     kl_samples: int = 2  # answers per evaluation question for the KL to SFT
     eval_batch_size: int = 256  # questions answered at once (the KL samples depend on the batches)
+    eval_choice_calibration: bool = False  # also read confidence as a multiple choice (the calibration experiment)
     # the model
     vocab_size: int = 1000
     hidden_size: int = 128

@@ -383,6 +383,26 @@ def careful_answer(question: Question, rng: random.Random) -> str:
     return _capitalise(template.format(**fields))
 
 
+def candidate_values(question: Question, world: World) -> list[str]:
+    """Every value the question's attribute can take: its whole vocabulary, the true value among them."""
+    values = {
+        "country": COUNTRIES,
+        "known_for": KNOWN_FOR,
+        "founded": YEARS,
+        ARITHMETIC: range(2 * world.max_operand + 1),
+    }
+    return [str(v) for v in values[question.attribute]]
+
+
+def candidate_answers(question: Question, world: World) -> list[str]:
+    """The plain answer with each of ``candidate_values``, in that order: a multiple choice whose phrasing is fixed."""
+    fields = {"t": question.town}
+    if question.attribute == ARITHMETIC:
+        fields["a"], fields["b"] = operands(question)
+    template = _ANSWER[question.attribute]["plain"][0]
+    return [_capitalise(template.format(v=v, **fields)) for v in candidate_values(question, world)]
+
+
 def phrasings(question: Question) -> list[str]:
     """Every phrasing of the question's fact, its own text first."""
     fields = {"t": question.town} if question.town is not None else dict(zip("ab", operands(question), strict=True))
