@@ -176,7 +176,9 @@ def test_two_models_side_by_side(parrots, tmp_path):
     assert first["calibration"]["n"] == 5 and first["calibration"]["ece"] == pytest.approx(0.6, abs=0.01)
     assert set(first["calibration"]) == {"n", "ece", "ece_adaptive", "brier", "bins"}
     assert second["calibration"] == {"n": 0, "ece": None, "ece_adaptive": None, "brier": None, "bins": []}
-    assert first["kl_to_ref"] == pytest.approx(0.0, abs=1e-6) and second["kl_to_ref"] > 1.0
+    # a model against itself: 0 up to float error (its log-probs come from the sampler's cached decoding, the
+    # reference's from one forward)
+    assert first["kl_to_ref"] == pytest.approx(0.0, abs=1e-5) and second["kl_to_ref"] > 1.0
 
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert [a["models"]["confident"]["outcome"] for a in answers] == ["correct", "wrong", "wrong", "correct", "wrong"]
