@@ -207,8 +207,8 @@ def reward_model(run: Run, out: Path) -> dict:
     )
     run_rm(validated(stage))
     held_out = [json.loads(line) for line in (prefs / "preferences_eval.jsonl").read_text().splitlines()]
-    members = [out / f"member-{i}" for i in range(preset.rm_ensemble)] if preset.rm_ensemble > 1 else [out]
-    return evaluation.reward_model_accuracy(members[0], held_out, run.lab.by_text(), run.lab.world)
+    scored = out / "member-0" if preset.rm_ensemble > 1 else out  # an ensemble is scored by its first member
+    return evaluation.reward_model_accuracy(scored, held_out, run.lab.by_text(), run.lab.world)
 
 
 GOLD_MODULE = """\"\"\"The lab's gold judge as a reward function, for any RL stage: --gold-reward THIS_FILE:gold\"\"\"
