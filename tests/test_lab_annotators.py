@@ -18,8 +18,10 @@ from posttrain.lab.annotators import (
     label_pairs,
     pool,
     prob_first,
+    truth_rows,
     utility,
     with_gold,
+    within_budget,
 )
 from posttrain.lab.gold import Judgement, gold_preference
 
@@ -206,10 +208,68 @@ def test_label_pairs_is_valid_preference_data():
 
 
 def test_unknown_preset_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown annotator preset 'sloppy'; valid presets: biased, careful"):
+    with pytest.raises(ValueError, match="unknown annotator pool 'sloppy'; valid pools: biased, careful, mix"):
         pool("sloppy")
     assert set(PRESETS) == {"biased", "careful"}
     with pytest.raises(ValueError, match="unknown label"):
         Judgement("wrong", confident=True, n_words=3)
     with pytest.raises(ValueError, match="noise"):
         Annotator("x", noise=1.5)
+    with pytest.raises(ValueError, match="cost"):
+        Annotator("x", cost=0.0)
+
+
+def test_pools_cost_and_mix():
+    biased, careful, mix = pool("biased", 8, 3), pool("careful", 8, 3), pool("mix", 7, 3)
+    assert {a.cost for a in biased} == {1.0} and {a.cost for a in careful} == {3.0}
+    # a mix is the first annotators of each preset's own pool: the careful part takes the odd one
+    assert mix == pool("careful", 4, 3) + pool("biased", 3, 3)
+    assert mix[:4] == careful[:4] and mix[4:] == biased[:3]
+    # the cost is a setting, not a draw: the biased pool's draws are those it had before there were costs
+    assert biased[0].check_rate == random.Random("biased:3").uniform(0.2, 0.4)
+
+
+def budget_rows() -> list[dict]:
+    """Pairs 0..5: pair 2 labelled by three annotators, the others by one; a costs 1, b costs 3."""
+    ids = [(0, "a"), (1, "b"), (2, "a"), (2, "b"), (2, "a"), (3, "a"), (4, "b"), (5, "a")]
+    return [{"pair_id": p, "annotator_id": who, "row": i} for i, (p, who) in enumerate(ids)]
+
+
+def test_within_budget_by_hand():
+    rows, costs = budget_rows(), {"a": 1.0, "b": 3.0}
+    assert within_budget(rows, costs, 0.0, seed=0) == rows  # no budget: everything
+    order = list(range(6))
+    random.Random(0).shuffle(order)  # the order pairs are bought in
+    pair_cost = {0: 1, 1: 3, 2: 5, 3: 1, 4: 3, 5: 1}
+    for budget in (1, 4, 7, 11, 14):
+        expected, spent = set(), 0
+        for pair in order:
+            spent += pair_cost[pair]
+            if spent > budget:
+                break
+            expected.add(pair)
+        bought = within_budget(rows, costs, budget, seed=0)
+        assert {r["pair_id"] for r in bought} == expected
+        assert sum(costs[r["annotator_id"]] for r in bought) <= budget
+        assert [r["row"] for r in bought] == sorted(r["row"] for r in bought)  # rows keep their order
+    assert order == [4, 2, 1, 0, 5, 3]  # so, by hand: budget 4 buys pair 4 alone (3; with pair 2 it is 8)
+    assert {r["pair_id"] for r in within_budget(rows, costs, 4, seed=0)} == {4}
+    assert {r["pair_id"] for r in within_budget(rows, costs, 12.5, seed=0)} == {4, 2, 1, 0}  # 3+5+3+1 = 12
+    small, large = within_budget(rows, costs, 7, seed=0), within_budget(rows, costs, 11, seed=0)
+    assert all(r in large for r in small)  # a larger budget buys what a smaller one does, and more
+    with pytest.raises(ValueError, match="budget"):
+        within_budget(rows, costs, -1.0)
+
+
+def test_truth_rows_by_hand():
+    prompt = [{"role": "user", "content": "Q?"}]
+    pairs = [(prompt, "right", CORRECT, "made up", HALLUCINATED, "f0"),
+             (prompt, "no idea", ABSTAINED, "wrong", HALLUCINATED, "f1"),
+             (prompt, "x", CORRECT, "y", CORRECT, "f2"), ("Q3?", "a", MALFORMED, "b", CORRECT, "f3")]  # fmt: skip
+    gold = gold_of(pairs)
+    assert gold == {0: 0, 1: 0, 2: None, 3: 1}
+    rows = truth_rows(pairs, gold, keep={1, 2, 3})  # pair 0 left out; pair 2 a tie
+    assert [r["pair_id"] for r in rows] == [1, 3]
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "no idea"}]
+    assert rows[0]["rejected"] == [{"role": "assistant", "content": "wrong"}]
+    assert (rows[1]["chosen"], rows[1]["rejected"]) == ("b", "a")  # a string prompt keeps string responses

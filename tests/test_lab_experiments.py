@@ -71,7 +71,7 @@ def test_quarter_mean_leaves_out_missing_values():
 
 def test_experiment_bad_input(tmp_path, capsys):
     assert main(["lab", "--experiment", "nope", "--output", str(tmp_path / "x")]) == 2
-    assert "--experiment nope: unknown; valid experiments: kl-sweep, frontier, mitigations, calibration" in (
+    assert "--experiment nope: unknown; valid experiments: kl-sweep, frontier, labels, mitigations, calibration" in (
         capsys.readouterr().err
     )
     assert main(["lab", "--experiment", "kl-sweep", "--seeds", "0,x", "--output", str(tmp_path / "x")]) == 2
@@ -87,6 +87,9 @@ def test_chosen_arms_keep_the_arms_they_read_from():
     arms = mitigations()
     assert [a.name for a in chosen_arms(arms, ("ensemble-uwo",))] == [TRUNK, "ensemble", "ensemble-uwo"]
     assert chosen_arms(arms, ()) == arms
+
+
+LABEL_ARMS = "biased-600,careful-600,mix-600"
 
 
 def experiment(tmp_path: Path, name: str, seeds: str = "0", *extra: str) -> dict:
@@ -125,7 +128,7 @@ def test_kl_sweep_and_mitigations_on_the_smoke_preset(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_frontier_and_calibration_on_the_smoke_preset(tmp_path):
+def test_frontier_calibration_and_labels_on_the_smoke_preset(tmp_path):
     points = experiment(tmp_path, "frontier")["figures"]["points"]
     dpo = {f"dpo-beta-{b}" for b in ("0.03", "0.1", "0.3", "1")}
     assert set(points) == {"sft", "ppo-kl-0.02", "ppo-kl-0.05", "ppo-kl-0.2", *dpo}
@@ -138,6 +141,24 @@ def test_frontier_and_calibration_on_the_smoke_preset(tmp_path):
         assert ece is None or 0.0 <= ece <= 1.0
         assert 0.0 <= figures["ece_choice"]["mean"] <= 1.0 and 0.0 <= figures["accuracy_choice"]["mean"] <= 1.0
         assert sum(b["count"] for b in figures["bins_choice"]) > 0  # every known question gets a pick
+
+    summary = experiment(tmp_path, "labels", "0", "--reuse", str(tmp_path / "frontier"), "--arms", LABEL_ARMS)
+    root = tmp_path / "labels" / "seed-0"
+    assert sorted(p.name for p in (root / TRUNK).iterdir()) == ["base", "data", "lab.json", "sft"]  # copied
+    arms = summary["figures"]["arms"]
+    assert set(arms) == {"biased-600", "careful-600", "mix-600"}
+    for name, figures in arms.items():
+        assert sorted(p.name for p in (root / name).iterdir()) == ["lab.json", "ppo", "preferences", "rm"]
+        assert 0 < figures["cost"]["mean"] <= 600 and figures["labels"]["mean"] >= figures["pairs"]["mean"]
+        assert 0.0 <= figures["rm_vs_labels"]["mean"] <= 1.0
+        for key in ("labels_vs_gold", "rm_vs_gold_train"):  # None when every pair is a tie (smoke answers)
+            assert figures[key]["mean"] is None or 0.0 <= figures[key]["mean"] <= 1.0
+        assert -1.6 <= figures["gold_end"]["mean"] <= 1.0
+    assert arms["careful-600"]["cost"]["mean"] == 3 * arms["careful-600"]["labels"]["mean"]
+    assert arms["biased-600"]["cost"]["mean"] == arms["biased-600"]["labels"]["mean"]
+    rows = (root / "mix-600" / "preferences" / "preferences.jsonl").read_text().splitlines()
+    assert {json.loads(r)["annotator_id"].split("-")[0] for r in rows} == {"biased", "careful"}
+    assert set(summary["figures"]["best"]["600"].values()) <= {"biased", "careful", "mix", None}
 
 
 def test_every_experiment_is_documented():

@@ -35,6 +35,18 @@ def test_smoke_preset_runs_every_step_and_resumes(tmp_path, caplog):
     assert summary["models"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)  # the same model
     preferences = [json.loads(line) for line in (out / "preferences" / "preferences.jsonl").read_text().splitlines()]
     assert {"prompt", "chosen", "rejected", "annotator_id", "pair_id", "position", "gold"} <= set(preferences[0])
+    # every training pair once, the truly better answer chosen: where the labels' "gold" says so, the same answers
+    truth = {row["pair_id"]: row for row in map(json.loads, (out / "preferences" / "preferences_gold.jsonl").open())}
+    for row in preferences:
+        if row["gold"] is None:
+            assert row["pair_id"] not in truth
+        else:
+            better = row["chosen"] if row["gold"] == "chosen" else row["rejected"]
+            assert truth[row["pair_id"]]["chosen"] == better
+    assert len(truth) == len({row["pair_id"] for row in preferences if row["gold"] is not None})
+    accuracy = summary["reward_model"]["accuracy_vs_gold_train"]  # None when every pair is a tie
+    assert summary["reward_model"]["pairs_train"] == len(truth)
+    assert (accuracy is None) == (not truth) and (accuracy is None or 0.0 <= accuracy <= 1.0)
     trajectory = json.loads((out / "ppo" / STEP_FILE).read_text())["trajectory"]
     assert [r["step"] for r in trajectory] == [1, 2]
     assert {"proxy", "gold", "kl", "sqrt_kl", "hallucination_unknowable", "abstain_known"} <= set(trajectory[0])
@@ -89,6 +101,8 @@ def test_time_left_scales_by_the_speed_so_far():
 def test_lab_bad_input(tmp_path, capsys):
     assert main(["lab", "--output", str(tmp_path / "x"), "--preset", "huge"]) == 2
     assert "--preset huge: unknown preset; valid presets: quick, smoke, full" in capsys.readouterr().err
+    assert main(["lab", "--output", str(tmp_path / "x"), "--annotators", "sloppy"]) == 2
+    assert "--annotators sloppy: unknown pool; valid pools: biased, careful, mix" in capsys.readouterr().err
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

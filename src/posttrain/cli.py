@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--output", default="runs/lab", help="directory of the run (default: runs/lab)")
     lab.add_argument("--preset", default="quick", help="quick, full or smoke (default: quick)")
     lab.add_argument("--seed", type=int, default=None, help="seed of the world and every step (default: 0)")
-    lab.add_argument("--annotators", default=None, help="annotator pool: biased or careful (default: biased)")
+    lab.add_argument("--annotators", default=None, help="annotator pool: biased, careful or mix (default: biased)")
     lab.add_argument("--experiment", default="", metavar="NAME",
-                     help="run an experiment over seeds instead: kl-sweep, frontier, mitigations or calibration "
+                     help="run an experiment over seeds instead: kl-sweep, frontier, labels, mitigations or "
+                     "calibration "
                      "(docs/lab.md)")  # fmt: skip
     lab.add_argument("--seeds", default="", metavar="S,S,...", help="an experiment's seeds (default: 0)")
     lab.add_argument("--arms", default="", metavar="ARM,...", help="run only these arms of the experiment "

@@ -19,12 +19,14 @@ Why this reproduces the failure the lab shows: with the "biased" preset most fac
 an annotator's reach (check_rate ≈ 0.3), so a confident fabrication scores 0.5 + confidence_bias
 while an honest "I don't know" scores −idk_penalty; the annotators, and the reward model and
 policy trained on their labels, learn to prefer confident fabrication over honest abstention.
-The "careful" preset checks almost everything and has no biases, for comparison.
+The "careful" preset checks almost everything and has no biases, for comparison; its labels cost
+three times as much (``LABEL_COST``), and the "mix" pool is half careful, half biased.
 
 ``label_pairs`` turns comparisons into TRL preference rows with provenance, in the format that
 ``posttrain annotate export`` writes and ``posttrain audit`` reads (annotator id, pair id, the side
 the chosen answer was shown on, and, after ``with_gold``, which answer the truth prefers);
-``agreement`` and ``gold_agreement`` measure the labels. Everything is deterministic
+``within_budget`` keeps the labels a budget buys; ``agreement`` and ``gold_agreement`` measure the
+labels. Everything is deterministic
 given a seed (``random.Random``, never the global RNG).
 """
 
@@ -61,6 +63,7 @@ class Annotator:
     idk_penalty: float = 0.0  # dislike of abstentions it cannot check
     noise: float = 0.0  # probability of a coin-flip label, in [0, 1]
     temperature: float = 1.0  # of the Bradley–Terry choice; 0 picks the higher utility
+    cost: float = 1.0  # what one of its labels costs, in hurried labels
 
     def __post_init__(self) -> None:
         for name in ("check_rate", "noise"):
@@ -69,6 +72,8 @@ class Annotator:
                 raise ValueError(f"annotator {self.id}: {name} must be in [0, 1], got {value}")
         if self.temperature < 0:
             raise ValueError(f"annotator {self.id}: temperature must be >= 0, got {self.temperature}")
+        if self.cost <= 0:
+            raise ValueError(f"annotator {self.id}: cost must be > 0, got {self.cost}")
 
 
 def can_check(annotator: Annotator, fact: str) -> bool:
@@ -154,25 +159,35 @@ PRESETS: dict[str, dict[str, tuple[float, float]]] = {
     },
 }
 DEFAULT_PRESET = "biased"
+# What one label costs, in hurried labels: checking a fact takes a careful annotator a lookup, so its
+# label costs a few hurried ones (the ratio is a setting of the lab, not a measured wage).
+LABEL_COST = {"biased": 1.0, "careful": 3.0}
+MIXES = {"mix": ("careful", "biased")}  # a pool made of equal parts of presets (the first gets the odd one)
+POOLS = (*PRESETS, *MIXES)
 
 
 def pool(preset: str = DEFAULT_PRESET, size: int = 8, seed: int = 0) -> list[Annotator]:
-    """``size`` annotators drawn from a preset's ranges, deterministic given (preset, size, seed).
+    """``size`` annotators drawn from a preset's ranges, deterministic given (preset, size, seed);
+    a mix takes equal parts of its presets' pools (each part the first annotators of that pool).
 
     Ids are ``"{preset}-s{seed}-{i:02d}"``: the seed is part of the id, so a different seed also
     changes which facts each annotator can check.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown annotator preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    if preset not in POOLS:
+        raise ValueError(f"unknown annotator pool {preset!r}; valid pools: {', '.join(POOLS)}")
     if size < 1:
         raise ValueError(f"annotator pool size must be >= 1, got {size}")
+    if preset in MIXES:
+        parts = MIXES[preset]
+        sizes = [size // len(parts) + (i < size % len(parts)) for i in range(len(parts))]
+        return [a for part, n in zip(parts, sizes, strict=True) if n for a in pool(part, n, seed)]
     ranges = PRESETS[preset]
     rng = random.Random(f"{preset}:{seed}")
-    names = [f.name for f in fields(Annotator) if f.name != "id"]
+    names = [f.name for f in fields(Annotator) if f.name in ranges]
     annotators = []
     for i in range(size):
         values = {name: rng.uniform(*ranges[name]) for name in names}
-        annotators.append(Annotator(id=f"{preset}-s{seed}-{i:02d}", **values))
+        annotators.append(Annotator(id=f"{preset}-s{seed}-{i:02d}", cost=LABEL_COST[preset], **values))
     return annotators
 
 
@@ -230,6 +245,34 @@ def label_pairs(
     return rows
 
 
+def within_budget(
+    rows: Sequence[Mapping[str, Any]], costs: Mapping[str, float], budget: float, seed: int = 0
+) -> list[Mapping[str, Any]]:
+    """The labels a budget buys: pairs in a random order (given ``seed``), each with all its labels,
+    bought while their summed cost (``costs[annotator_id]``) stays within ``budget``; the rows kept in
+    their order. A budget of 0 buys everything.
+
+    The order depends only on the pair ids and the seed, so a larger budget buys what a smaller one
+    does and more, and pools of different cost buy the same pairs first.
+    """
+    if budget < 0:
+        raise ValueError(f"label budget must be >= 0, got {budget}")
+    if budget == 0:
+        return list(rows)
+    by_pair: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_pair[row["pair_id"]].append(row)
+    order = sorted(by_pair)
+    random.Random(seed).shuffle(order)
+    bought, spent = set(), 0.0
+    for pair_id in order:
+        spent += sum(costs[row["annotator_id"]] for row in by_pair[pair_id])
+        if spent > budget:
+            break
+        bought.add(pair_id)
+    return [row for row in rows if row["pair_id"] in bought]
+
+
 def agreement(rows: Sequence[Mapping[str, Any]], pair_ids: Collection[int] | None = None) -> float:
     """Pairwise inter-annotator agreement: over every pair_id labelled more than once (and in
     ``pair_ids`` when given), the share of the (label, label) couples on it that chose the same
@@ -262,6 +305,18 @@ def with_gold(rows: Sequence[Mapping[str, Any]], gold: Mapping[int, int | None])
         return None if truth is None else ("chosen" if truth == row["preferred"] else "rejected")
 
     return [{**row, "gold": known(row)} for row in rows]
+
+
+def truth_rows(pairs: Sequence[Pair], gold: Mapping[int, int | None], keep: Collection[int]) -> list[dict[str, Any]]:
+    """The pairs in ``keep`` as the truth would label them: one preference row each, the truly better response
+    chosen (``gold[pair_id]``: 0 for response_a, 1 for response_b); pairs the truth ties are left out."""
+    rows = []
+    for pair_id in sorted(i for i in keep if gold[i] is not None):
+        prompt, response_a, _, response_b, _, _ = pairs[pair_id]
+        better, worse = (response_a, response_b) if gold[pair_id] == 0 else (response_b, response_a)
+        rows.append({"prompt": prompt, "chosen": _as_answer(prompt, better), "rejected": _as_answer(prompt, worse),
+                     "pair_id": pair_id})  # fmt: skip
+    return rows
 
 
 def gold_agreement(rows: Sequence[Mapping[str, Any]]) -> float:

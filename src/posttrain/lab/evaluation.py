@@ -174,6 +174,17 @@ def calibration(questions: list[world.Question], judged: list[gold.Judgement], g
     return calibration_summary(confidences, correct)
 
 
+def prefers_chosen(rm_dir: Path, rows: list[dict]) -> list[bool]:
+    """Per preference row (conversational): whether the reward model scores the chosen answer above the rejected."""
+    if not rows:  # nothing to rank: on the smoke preset every pair may be a tie
+        return []
+    reward = model_reward(str(rm_dir), BATCH, torch.device("cpu"))
+    prompts = [r["prompt"] for r in rows]
+    chosen = [r["chosen"][0]["content"] for r in rows]
+    rejected = [r["rejected"][0]["content"] for r in rows]
+    return (reward(prompts, chosen) > reward(prompts, rejected)).tolist()
+
+
 def reward_model_accuracy(rm_dir: Path, rows: list[dict], questions: dict[str, world.Question], the_world) -> dict:
     """How often the reward model ranks a labelled pair as the annotator did, and as the truth does.
 
@@ -181,11 +192,9 @@ def reward_model_accuracy(rm_dir: Path, rows: list[dict], questions: dict[str, w
     Pairs the gold reward ties are left out of the gold accuracy; ``accuracy_vs_labels_untied``
     scores the labels on those same pairs, so the two can be compared.
     """
-    reward = model_reward(str(rm_dir), BATCH, torch.device("cpu"))
-    prompts = [r["prompt"] for r in rows]
+    agrees = prefers_chosen(rm_dir, rows)
     chosen = [r["chosen"][0]["content"] for r in rows]
     rejected = [r["rejected"][0]["content"] for r in rows]
-    agrees = (reward(prompts, chosen) > reward(prompts, rejected)).tolist()
     truth = []
     for row, c, r in zip(rows, chosen, rejected, strict=True):
         question = questions[row["prompt"][0]["content"]]

@@ -20,6 +20,10 @@ QUESTIONS = {
     "their RL form, R(d) = d(α − β ln d), fitted per arm.",
     "frontier": "Which method buys more gold reward per nat of KL to SFT? Each DPO and PPO model's gold reward "
     "on the held-out questions against its KL to the SFT model (Rafailov et al. 2023, figure 2).",
+    "labels": "At a fixed labelling budget, careful few or hurried many? Annotator pools of different care (biased: "
+    "hurried and swayed by confident wording; careful: checks the facts, at three times the price per label; a mix "
+    "of both), each at several total budgets: how often the labels bought agree with the truth, how often the "
+    "reward model trained on them does, and the gold reward of PPO against it.",
     "mitigations": "What keeps a policy from hacking a biased reward model? PPO with one reward model, an "
     "ensemble with conservative aggregation (Coste et al. 2023), a larger KL coefficient, and stopping when the "
     "gold monitor sees the gold reward fall.",
@@ -64,6 +68,50 @@ def ppo_section(summary: dict) -> str:
             f"{', '.join(map(str, best['peak_step']))} (one per seed).")  # fmt: skip
     return (figure_png(hacking_figure(traces, reference="SFT")) + f"<p>{esc(note)}</p>"
             + table(["arm", *(title for _, title, _ in PPO_COLUMNS)], rows))  # fmt: skip
+
+
+LABEL_COLUMNS = (("cost", "cost spent", "num1"), ("labels", "labels", "num1"), ("pairs", "pairs", "num1"),
+                 ("labels_vs_gold", "labels agree with gold", "pct"),
+                 ("rm_vs_gold_train", "reward model vs gold, training questions", "pct"),
+                 ("rm_vs_gold", "reward model vs gold, held-out", "pct"),
+                 ("rm_vs_labels", "reward model vs its labels, held-out", "pct"),
+                 ("gold_peak", "PPO gold, peak", "signed"), ("gold_end", "PPO gold, last quarter", "signed"),
+                 ("proxy_end", "proxy, last quarter", "g"),
+                 ("invention_end", "invents on unknowable", "pct"))  # fmt: skip
+
+
+def labels_section(summary: dict) -> str:
+    """Per pool, against the budget: the reward model's accuracy against the truth, and PPO's peak and final gold
+    (means over seeds with their t-intervals); then every arm's figures."""
+    figures, pools, arms = summary["figures"]["arms"], summary["figures"]["pools"], summary["arms"]
+    fig = Figure(figsize=(11, 3.8))
+    panels = fig.subplots(1, 3)
+    keys = (("rm_vs_gold_train", "reward model vs gold (training questions)"), ("gold_peak", "PPO gold, peak"),
+            ("gold_end", "PPO gold, last quarter"))  # fmt: skip
+    names_of = {pool: [n for n, (p, _) in pools.items() if p == pool] for pool, _ in pools.values()}
+    budgets = sorted({b for _, b in pools.values()})
+    for ax, (key, title) in zip(panels, keys, strict=True):
+        for i, ((pool, names), colour) in enumerate(zip(names_of.items(), cycle(len(names_of)), strict=True)):
+            xs = [pools[n][1] * 1.04 ** (i - 1) for n in names]  # side by side, so the intervals do not hide each other
+            means = [np.nan if figures[n][key]["mean"] is None else figures[n][key]["mean"] for n in names]
+            ax.plot(xs, means, "o-", color=colour, label=pool)
+            for x, n in zip(xs, names, strict=True):
+                if figures[n][key]["ci"]:
+                    ax.plot([x, x], figures[n][key]["ci"], color=colour, lw=1, alpha=0.6)
+        ax.set(title=title, xlabel="budget (hurried labels)", xscale="log")
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
+    panels[0].legend(frameon=False)
+    fig.tight_layout()
+    best = summary["figures"]["best"]
+    pool = {budget: {key: name or "–" for key, name in b.items()} for budget, b in best.items()}
+    note = " ".join(f"At budget {budget}: the reward model closest to the truth came from the {b['rm_vs_gold_train']} "
+                    f"pool, the highest PPO gold peak from the {b['gold_peak']} pool, the most gold at the end from "
+                    f"the {b['gold_end']} pool." for budget, b in pool.items())  # fmt: skip
+    rows = [[arms[n]["label"], *(figure_text(figures[n][key], kind) for key, _, kind in LABEL_COLUMNS)]
+            for n in figures]  # fmt: skip
+    return (figure_png(fig) + f"<p>{esc(note)}</p>"
+            + table(["arm", *(title for _, title, _ in LABEL_COLUMNS)], rows))  # fmt: skip
 
 
 def frontier_section(summary: dict) -> str:
@@ -117,7 +165,7 @@ def calibration_section(summary: dict) -> str:
 
 
 SECTIONS = {"kl-sweep": ppo_section, "mitigations": ppo_section, "frontier": frontier_section,
-            "calibration": calibration_section}  # fmt: skip
+            "labels": labels_section, "calibration": calibration_section}  # fmt: skip
 
 
 def time_rows(summary: dict) -> list[list[str]]:

@@ -13,6 +13,8 @@ settings, every arm's figures per seed and their means with a t-interval over th
   kl-sweep     PPO at several KL coefficients, 0 included (Gao, Schulman, Hilton 2022)
   frontier     DPO at several β and PPO at several KL coefficients: held-out gold against KL to
                SFT (Rafailov et al. 2023, figure 2)
+  labels       the labelling budget: the biased, careful (dearer) and mixed pools at several total
+               budgets; each pool's labels, its reward model against the truth, PPO's gold reward
   mitigations  from the biased pool: one reward model, an ensemble of three with conservative
                aggregation (min, mean − std, uwo; Coste et al. 2023), a larger KL coefficient, and
                PPO stopped by the gold monitor
@@ -55,6 +57,7 @@ class Arm:
     after: str = TRUNK  # the arm whose outputs (and theirs, recursively) it reads for every other step
     evaluated: tuple[str, ...] = ()  # the models its evaluate step answers with
     label: str = ""  # how the report names it
+    annotators: str = "biased"  # the pool that labels its preferences (lab/annotators.py)
 
     def title(self) -> str:
         return self.label or self.name
@@ -77,6 +80,8 @@ FRONTIER_KL = (0.02, 0.05, 0.2)
 FRONTIER_BETA = (0.03, 0.1, 0.3, 1.0)
 AGGREGATES = ("min", "mean_minus_std", "uwo")
 ENSEMBLE = 3
+LABEL_POOLS = ("biased", "careful", "mix")
+LABEL_BUDGETS = (600, 3000)  # what the training labels may cost, in hurried labels
 
 
 def kl_sweep() -> list[Arm]:
@@ -86,6 +91,16 @@ def kl_sweep() -> list[Arm]:
 def frontier() -> list[Arm]:
     ppo = [ppo_arm(f"ppo-kl-{c:g}", f"PPO, KL coef. {c:g}", ppo_kl_coef=c) for c in FRONTIER_KL]
     return [trunk(), *ppo, *(dpo_arm(f"dpo-beta-{b:g}", f"DPO, β {b:g}", dpo_beta=b) for b in FRONTIER_BETA)]
+
+
+def labels() -> list[Arm]:
+    """The trunk trains base and SFT only; every (pool, budget) arm buys its labels, trains a reward model, runs PPO."""
+    base = Arm(TRUNK, ("data", "base", "sft"), after="", label="SFT")
+    return [base] + [
+        Arm(f"{pool}-{budget:g}", ("preferences", "rm", "ppo"), {"label_budget": budget}, annotators=pool,
+            label=f"{pool}, budget {budget:g}")
+        for pool in LABEL_POOLS for budget in LABEL_BUDGETS
+    ]  # fmt: skip
 
 
 def mitigations() -> list[Arm]:
@@ -124,12 +139,17 @@ def arm_run(arm: Arm, arms: dict[str, Arm], root: Path, preset: Preset, seed: in
     for name in arm.steps:
         sources.pop(name, None)
     changed = dataclasses.replace(preset, **arm.changes)
-    return Run(root / arm.name, changed, seed, "biased", make_lab(preset, seed), sources, arm.evaluated)
+    return Run(root / arm.name, changed, seed, arm.annotators, make_lab(preset, seed), sources, arm.evaluated)
 
 
 def arm_results(run: Run, arm: Arm) -> dict:
-    """What an arm measured for one seed: the evaluation's models, and PPO's trajectory and fit."""
+    """What an arm measured for one seed: its own steps' records (the labels bought, the reward model's accuracy,
+    the evaluation's models, PPO's trajectory and fit) and their seconds."""
     found: dict[str, Any] = {"seconds": sum(record(run.out / name)["seconds"] for name in arm.steps)}
+    if "preferences" in arm.steps:
+        found["preferences"] = {key: value for key, value in record(run.out / "preferences").items() if key != "audit"}
+    if "rm" in arm.steps:
+        found["rm"] = record(run.out / "rm")
     if "evaluate" in arm.steps:
         found["models"] = record(run.out / "evaluate")["models"]
     if "ppo" in arm.steps:
@@ -207,21 +227,20 @@ def run_arm(config: ExperimentConfig, arms: list[Arm], arm: Arm, seed: int) -> d
     root = Path(config.output) / f"seed-{seed}"
     by_name = {a.name: a for a in arms}
     run = arm_run(arm, by_name, root, PRESETS[config.preset], seed)
-    settings = pipeline.LabConfig(str(run.out), config.preset, seed)
+    settings = pipeline.LabConfig(str(run.out), config.preset, seed, arm.annotators)
     lab_json = pipeline.lab_settings(settings) | {"preset_values": dataclasses.asdict(run.preset), "arm": arm.name}
     pipeline.start_run(run.out, lab_json, what="lab experiment arm")
     if arm.name == TRUNK and config.reuse:
-        reuse_trunk(Path(config.reuse), seed, run.out, lab_json)
+        reuse_trunk(Path(config.reuse), seed, run.out, lab_json, arm.steps)
     steps = [s for s in pipeline.STEPS if s.name in arm.steps]
     progress = Progress({s.name: s.seconds for s in steps})
     run_steps(run, steps, progress, label=f"{config.experiment} seed {seed} {arm.name}")
     return arm_results(run, arm)
 
 
-def reuse_trunk(source: Path, seed: int, trunk_dir: Path, settings: dict[str, Any]) -> None:
-    """Copy the shared steps (data to the reward model) that ``source`` finished for ``seed`` into the trunk:
-    ``source`` is another experiment (its ``seed-S/trunk``) or a lab run of this seed with the biased pool,
-    with the same preset values."""
+def reuse_trunk(source: Path, seed: int, trunk_dir: Path, settings: dict[str, Any], steps: tuple[str, ...]) -> None:
+    """Copy the trunk's ``steps`` that ``source`` finished for ``seed`` into the trunk: ``source`` is another
+    experiment (its ``seed-S/trunk``) or a lab run of this seed with the biased pool, with the same preset values."""
     run = source / f"seed-{seed}" / TRUNK if (source / f"seed-{seed}").is_dir() else source
     if not (run / "lab.json").is_file():
         raise UserError(f"--reuse {source}: neither a lab experiment with seed {seed} nor a lab run (no lab.json)")
@@ -229,7 +248,7 @@ def reuse_trunk(source: Path, seed: int, trunk_dir: Path, settings: dict[str, An
     same = ("seed", "annotators", "preset_values")
     if any(theirs.get(key) != settings[key] for key in same):
         raise UserError(f"--reuse {source}: another seed, pool or preset than this experiment's trunk (see {run})")
-    for name in SHARED:
+    for name in steps:
         if (run / name / STEP_FILE).is_file() and not (trunk_dir / name).exists():
             shutil.copytree(run / name, trunk_dir / name)
             log.info("lab: %s copied from %s", name, run)
@@ -260,12 +279,10 @@ def quarter_mean(trajectory: list[dict], key: str, last: bool) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def ppo_figures(result: dict) -> dict[str, float | None]:
-    """One PPO run's figures: gold and proxy at the start and end, the gold arc's peak and drop, √KL at the end,
-    the held-out gold and KL of its final model, and the fit of Gao's RL form."""
-    trajectory, arc = result["ppo"]["trajectory"], result["ppo"]["gold_arc"]
-    held_out = result["models"]["ppo"]
-    fit = result["ppo"]["overoptimisation"]["fit"] or {}
+def rollout_figures(ppo: dict) -> dict[str, float | None]:
+    """One PPO run's figures from its rollouts: gold and proxy at the start and end, the gold arc's peak and drop,
+    √KL and invention on unknowable questions at the end."""
+    trajectory, arc = ppo["trajectory"], ppo["gold_arc"]
     return {
         "gold_start": quarter_mean(trajectory, "gold", last=False),
         "gold_end": quarter_mean(trajectory, "gold", last=True),
@@ -275,6 +292,15 @@ def ppo_figures(result: dict) -> dict[str, float | None]:
         "sqrt_kl_end": quarter_mean(trajectory, "sqrt_kl", last=True),
         "invention_end": quarter_mean(trajectory, "hallucination_unknowable", last=True),
         "iterations": len(trajectory),
+    }
+
+
+def ppo_figures(result: dict) -> dict[str, float | None]:
+    """One PPO arm's figures: its rollouts', the held-out gold and KL of its final model, and the fit of Gao's
+    RL form."""
+    held_out = result["models"]["ppo"]
+    fit = result["ppo"]["overoptimisation"]["fit"] or {}
+    return rollout_figures(result["ppo"]) | {
         "held_out_gold": held_out["gold_reward"],
         "held_out_kl": held_out["kl_to_sft"],
         "fit_alpha": fit.get("alpha"),
@@ -294,6 +320,37 @@ def summarise_ppo_arms(arms: list[Arm], results: dict[str, list[dict]]) -> dict:
     best = max(figures, key=lambda name: figures[name]["gold_peak"]["mean"])
     peak_steps = [r["ppo"]["gold_arc"]["peak_step"] for r in results[best]]
     return {"arms": figures, "best": {"arm": best, "peak_step": peak_steps}}
+
+
+def label_figures(result: dict) -> dict[str, float | None]:
+    """One labels arm's figures: what its budget bought and how right those labels are, its reward model's
+    accuracy against the truth on every training pair (the questions PPO asks, labelled or not) and on the held-out
+    pairs, and against its own pool's labels there, and PPO's rollouts."""
+    bought, rm = result["preferences"]["bought"], result["rm"]
+    return {
+        "cost": bought["cost"],
+        "labels": bought["labels"],
+        "pairs": bought["pairs"],
+        "labels_vs_gold": bought["agreement_with_gold"],
+        "rm_vs_gold_train": rm["accuracy_vs_gold_train"],
+        "rm_vs_gold": rm["accuracy_vs_gold"],
+        "rm_vs_labels": rm["accuracy_vs_labels"],
+    } | rollout_figures(result["ppo"])
+
+
+def summarise_labels(arms: list[Arm], results: dict[str, list[dict]]) -> dict:
+    """Per (pool, budget) arm its figures over seeds; per budget, the pool whose reward model matched the truth
+    best on the training questions, and those whose PPO peaked and ended with the most gold (means over seeds;
+    None where an arm has no mean)."""
+    figures = {a.name: aggregate([label_figures(r) for r in results[a.name]]) for a in arms if a.name != TRUNK}
+    pools = {a.name: (a.annotators, a.changes["label_budget"]) for a in arms if a.name != TRUNK}
+    best: dict[str, dict[str, str | None]] = {}
+    for budget in sorted({b for _, b in pools.values()}):
+        best[f"{budget:g}"] = {}
+        for key in ("rm_vs_gold_train", "gold_peak", "gold_end"):
+            means = {n: figures[n][key]["mean"] for n, (_, b) in pools.items() if b == budget}
+            best[f"{budget:g}"][key] = None if None in means.values() else pools[max(means, key=means.get)][0]
+    return {"arms": figures, "pools": pools, "best": best}
 
 
 def summarise_frontier(arms: list[Arm], results: dict[str, list[dict]]) -> dict:
@@ -347,6 +404,7 @@ def pooled_bins(per_seed: list[list[dict]]) -> list[dict]:
 EXPERIMENTS = {
     "kl-sweep": Experiment(kl_sweep, summarise_ppo_arms),
     "frontier": Experiment(frontier, summarise_frontier),
+    "labels": Experiment(labels, summarise_labels),
     "mitigations": Experiment(mitigations, summarise_ppo_arms),
     "calibration": Experiment(calibration, summarise_calibration),
 }

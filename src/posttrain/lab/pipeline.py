@@ -52,14 +52,14 @@ class LabConfig:
     output: str
     preset: str = "quick"
     seed: int = 0
-    annotators: str = "biased"  # "biased" or "careful" (see lab/annotators.py)
+    annotators: str = "biased"  # "biased", "careful" or "mix" (see lab/annotators.py)
     reuse: str = ""  # another lab run whose annotator-independent steps (shared_steps) are copied
 
     def resolved(self) -> Preset:
         if self.preset not in PRESETS:
             raise UserError(f"--preset {self.preset}: unknown preset; valid presets: {', '.join(PRESETS)}")
-        if self.annotators not in ann.PRESETS:
-            raise UserError(f"--annotators {self.annotators}: unknown pool; valid pools: {', '.join(ann.PRESETS)}")
+        if self.annotators not in ann.POOLS:
+            raise UserError(f"--annotators {self.annotators}: unknown pool; valid pools: {', '.join(ann.POOLS)}")
         return PRESETS[self.preset]
 
 
@@ -67,6 +67,10 @@ def validated(config):
     """A stage config checked as the CLI checks it (``validate`` also fills derived fields)."""
     config.validate()
     return config
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -164,30 +168,39 @@ def sample_pairs(rows, sampled, by_id, the_world, per_prompt: int, seed: int) ->
 def preferences(run: Run, out: Path) -> dict:
     """Sample answers, pair them, let the annotator pool label the pairs (a share three times).
 
-    The training prompts' pairs go to ``preferences.jsonl``; the held-out questions' pairs, labelled
-    the same way, to ``preferences_eval.jsonl``, to measure the reward model on questions it never saw.
+    The training prompts' pairs go to ``preferences.jsonl``, as many as ``label_budget`` buys; the
+    held-out questions' pairs, all labelled the same way, to ``preferences_eval.jsonl``, to measure
+    the reward model on questions it never saw; and every training pair once, oriented by the truth,
+    to ``preferences_gold.jsonl``, to measure it on the questions PPO asks.
     """
     preset, data, seed = run.preset, run.path("data"), run.seed
-    train = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
+    train = read_jsonl(data / "prompts.jsonl")
     rows = train + world.prompt_rows(load_questions(data / "held_out.jsonl"))
     the_world, by_id = run.lab.world, {q.id: q for q in run.lab.questions}
     sampling = evaluation.SamplingSettings(preset.sample_temperature, 1.0, preset.max_new_tokens)
     prompts = [r["prompt"] for r in rows]
     sampled = evaluation.answers(run.path("sft"), prompts, preset.samples_per_prompt, sampling, seed)
     pairs = sample_pairs(rows, sampled, by_id, the_world, preset.pairs_per_prompt, seed)
-    labelled = ann.label_pairs(pairs, ann.pool(run.annotators, preset.pool_size, seed), preset.overlap, seed)
+    workforce = ann.pool(run.annotators, preset.pool_size, seed)
+    labelled = ann.label_pairs(pairs, workforce, preset.overlap, seed)
     golds = {i: gold.gold_preference(pair[2], pair[4]) for i, pair in enumerate(pairs)}  # 0, 1 or None (a tie)
     labelled = ann.with_gold(labelled, golds)
     train_ids = {r["question_id"] for r in train}
     held = {i for i, p in enumerate(pairs) if p[5] not in train_ids}
-    write_jsonl(out / "preferences.jsonl", [r for r in labelled if r["pair_id"] not in held])
+    costs = {a.id: a.cost for a in workforce}
+    bought = ann.within_budget([r for r in labelled if r["pair_id"] not in held], costs, preset.label_budget, seed)
+    write_jsonl(out / "preferences.jsonl", bought)
     write_jsonl(out / "preferences_eval.jsonl", [r for r in labelled if r["pair_id"] in held])
+    write_jsonl(out / "preferences_gold.jsonl", ann.truth_rows(pairs, golds, set(golds) - held))
     audit = audit_rows(labelled, "the lab's labelled pairs", seed=seed)
     write_audit(audit, out)  # audit.json, audit.html: the same audit as `posttrain audit` on these rows
     return {"preset": run.annotators, "pairs": len(pairs), "labels": len(labelled),
             "agreement": ann.agreement(labelled),
             "agreement_untied": ann.agreement(labelled, {i for i, g in golds.items() if g is not None}),
-            "agreement_with_gold": ann.gold_agreement(labelled), "audit": audit_summary(audit)}  # fmt: skip
+            "agreement_with_gold": ann.gold_agreement(labelled), "audit": audit_summary(audit),
+            "bought": {"pairs": len({r["pair_id"] for r in bought}), "labels": len(bought),
+                       "cost": sum(costs[r["annotator_id"]] for r in bought),
+                       "agreement_with_gold": ann.gold_agreement(bought)}}  # fmt: skip
 
 
 def reward_model(run: Run, out: Path) -> dict:
@@ -206,9 +219,12 @@ def reward_model(run: Run, out: Path) -> dict:
         overwrite=True,
     )
     run_rm(validated(stage))
-    held_out = [json.loads(line) for line in (prefs / "preferences_eval.jsonl").read_text().splitlines()]
+    held_out, truth = (read_jsonl(prefs / name) for name in ("preferences_eval.jsonl", "preferences_gold.jsonl"))
     scored = out / "member-0" if preset.rm_ensemble > 1 else out  # an ensemble is scored by its first member
-    return evaluation.reward_model_accuracy(scored, held_out, run.lab.by_text(), run.lab.world)
+    found = evaluation.reward_model_accuracy(scored, held_out, run.lab.by_text(), run.lab.world)
+    ranked = evaluation.prefers_chosen(scored, truth)  # every training pair, labelled or not: where PPO samples
+    accuracy = sum(ranked) / len(ranked) if ranked else None
+    return found | {"accuracy_vs_gold_train": accuracy, "pairs_train": len(truth)}
 
 
 GOLD_MODULE = """\"\"\"The lab's gold judge as a reward function, for any RL stage: --gold-reward THIS_FILE:gold\"\"\"

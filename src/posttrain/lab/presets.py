@@ -51,6 +51,7 @@ class Preset:
     pairs_per_prompt: int = 20
     pool_size: int = 8  # annotators
     overlap: float = 0.25  # share of pairs labelled by three annotators
+    label_budget: float = 0.0  # what the training labels may cost, in hurried labels (0: every pair is labelled)
     # rm
     rm_steps: int = 100
     rm_batch_size: int = 8  # prompts per batch, each with all its labelled pairs

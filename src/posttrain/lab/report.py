@@ -353,7 +353,9 @@ other. A reward model whose accuracy on the annotators' labels is near their agr
 <p>All four bars count only pairs where one answer is truly better than the other (the reward model's on pairs it
 never trained on): when both answers are equally good, annotators settle by taste or a coin flip, which says nothing
 about their biases. Over all pairs, annotators agree on {esc(fmt(pool.get("agreement"), "pct"))} and the reward model
-matches {esc(fmt(rm.get("accuracy_vs_labels"), "pct"))} of the labels.</p>
+matches {esc(fmt(rm.get("accuracy_vs_labels"), "pct"))} of the labels. On every pair of the training questions, where
+PPO samples, labelled or not, it prefers the truly better answer {esc(fmt(rm.get("accuracy_vs_gold_train"), "pct"))}
+of the time.</p>
 {figure_png(fig)}"""
 
 
