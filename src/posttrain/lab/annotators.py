@@ -25,9 +25,9 @@ three times as much (``LABEL_COST``), and the "mix" pool is half careful, half b
 ``label_pairs`` turns comparisons into TRL preference rows with provenance, in the format that
 ``posttrain annotate export`` writes and ``posttrain audit`` reads (annotator id, pair id, the side
 the chosen answer was shown on, and, after ``with_gold``, which answer the truth prefers);
-``within_budget`` keeps the labels a budget buys; ``agreement`` and ``gold_agreement`` measure the
-labels. Everything is deterministic
-given a seed (``random.Random``, never the global RNG).
+``within_budget`` keeps the labels a budget buys; ``truth_rows`` labels pairs as the truth would;
+``agreement`` and ``gold_agreement`` measure the labels. Everything is deterministic given a seed
+(``random.Random``, never the global RNG).
 """
 
 from __future__ import annotations

@@ -104,10 +104,10 @@ def labels_section(summary: dict) -> str:
     panels[0].legend(frameon=False)
     fig.tight_layout()
     best = summary["figures"]["best"]
-    pool = {budget: {key: name or "–" for key, name in b.items()} for budget, b in best.items()}
+    winners = {budget: {key: pool or "–" for key, pool in b.items()} for budget, b in best.items()}
     note = " ".join(f"At budget {budget}: the reward model closest to the truth came from the {b['rm_vs_gold_train']} "
                     f"pool, the highest PPO gold peak from the {b['gold_peak']} pool, the most gold at the end from "
-                    f"the {b['gold_end']} pool." for budget, b in pool.items())  # fmt: skip
+                    f"the {b['gold_end']} pool." for budget, b in winners.items())  # fmt: skip
     rows = [[arms[n]["label"], *(figure_text(figures[n][key], kind) for key, _, kind in LABEL_COLUMNS)]
             for n in figures]  # fmt: skip
     return (figure_png(fig) + f"<p>{esc(note)}</p>"
