@@ -154,14 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--annotators", default=None, help="annotator pool: biased, careful or mix (default: biased)")
     lab.add_argument("--experiment", default="", metavar="NAME",
                      help="run an experiment over seeds instead: kl-sweep, frontier, labels, mitigations or "
-                     "calibration "
-                     "(docs/lab.md)")  # fmt: skip
+                     "calibration (docs/lab.md)")  # fmt: skip
     lab.add_argument("--seeds", default="", metavar="S,S,...", help="an experiment's seeds (default: 0)")
     lab.add_argument("--arms", default="", metavar="ARM,...", help="run only these arms of the experiment "
                      "(and the arms they read from; default: all)")  # fmt: skip
     lab.add_argument("--reuse", default="", metavar="DIR",
                      help="copy the steps that do not depend on the annotators (data, base, sft) from the lab run "
-                     "in DIR (same preset and seed); with --experiment, the shared steps up to the reward model "
+                     "in DIR (same preset and seed); with --experiment, the trunk's steps (up to the reward model) "
                      "from another experiment or a biased lab run")  # fmt: skip
     lab.set_defaults(handler=_lab)
     return parser
